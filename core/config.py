@@ -1,0 +1,154 @@
+"""SpecFleet's configuration schema: one YAML file → frozen, typed dataclasses.
+
+Where it sits: ``specfleet serve`` / ``generate`` / ``bench`` load a file with
+``load_config`` at start-up and pass the resulting objects down explicitly; nothing
+reads configuration from environment variables or globals. ``specfleet config show``
+prints the resolved file with every default filled in.
+
+Model paths are either a local Hugging Face checkpoint directory or
+``zoo:<size>/<name>`` (a model of SpecFleet's own zoo, built on first use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from specfleet.core.typed_yaml import ConfigError, load_yaml_file
+
+DrafterKind = Literal["model", "ngram", "suffix"]
+Domain = Literal["general", "code", "prose", "data"]
+Device = Literal["cpu", "cuda"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def _f(default, help: str, **meta):
+    """A field with help text (and optional ``min``); mutable defaults via factory."""
+    if callable(default) and not isinstance(default, (int, float, str, bool)):
+        return field(default_factory=default, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _required(help: str):
+    return field(metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    target: str = _required("target checkpoint: a local HF directory or zoo:<size>/<name>")
+    tokenizer: str | None = _f(None, "tokenizer directory; defaults to the target's")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_cpus: float = _f(1.0, "CPUs reserved for the actor", min=0)
+    num_gpus: float = _f(0.0, "GPUs (fractions allowed) reserved for the actor", min=0)
+    custom: dict[str, float] = _f(dict, "custom Ray node resources, e.g. {drafter: 1}")
+    torch_threads: int = _f(1, "torch intra-op threads inside the actor", min=1)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    name: str = _required("unique drafter name (used by routing and stats)")
+    kind: DrafterKind = _required("model: a small LM; ngram: prompt lookup; suffix: suffix tree")
+    model: str | None = _f(None, "checkpoint for kind=model: local directory or zoo:<size>/<name>")
+    domain: Domain = _f("general", "the request domain this drafter specialises in")
+    max_draft_tokens: int = _f(8, "longest proposal this drafter makes", min=1)
+    resources: ResourcesConfig = _f(ResourcesConfig, "Ray resources for this drafter's actor")
+
+    def __post_init__(self):
+        if self.kind == "model" and not self.model:
+            raise ValueError(f"drafter {self.name!r}: kind 'model' needs a 'model' path")
+        if self.kind != "model" and self.model:
+            raise ValueError(f"drafter {self.name!r}: 'model' is only for kind 'model'")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    tp_size: int = _f(1, "tensor-parallel ranks per verifier group", min=1)
+    count: int = _f(1, "number of verifier groups", min=1)
+    device: Device = _f("cpu", "device for the target model")
+    dtype: DType = _f("float32", "target weights/activations dtype")
+    max_batch_size: int = _f(8, "requests verified together in one forward pass", min=1)
+    max_seq_len: int = _f(1024, "prompt + generated tokens per request (KV cache size)", min=8)
+    resources: ResourcesConfig = _f(ResourcesConfig, "Ray resources for each TP rank")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: Literal["expertise", "fixed"] = _f(
+        "expertise", "expertise: learn per-domain acceptance; fixed: always default_drafter"
+    )
+    default_drafter: str | None = _f(None, "drafter used when nothing is known; default: first")
+    exploration: float = _f(0.1, "fraction of requests routed to try a non-best drafter", min=0)
+    fuse_top_k: int = _f(1, "drafters whose proposals are fused per request (1 = no fusion)", min=1)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    draft_length: int = _f(4, "initial draft window (tokens per round)", min=0)
+    max_draft_length: int = _f(8, "upper bound for the adaptive window", min=1)
+    adaptive: bool = _f(True, "adapt the window to acceptance and draft/verify speed")
+    pipelined: bool = _f(True, "overlap drafting of the next window with verification")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _f("127.0.0.1", "address the gRPC server binds")
+    port: int = _f(50051, "gRPC port (0 picks a free port)", min=0)
+    max_concurrent_requests: int = _f(64, "beyond this, requests get RESOURCE_EXHAUSTED", min=1)
+    max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", min=1)
+    max_message_bytes: int = _f(4 * 1024 * 1024, "gRPC message size limit", min=1024)
+    auth_token: str | None = _f(None, "bearer token required from clients; none = no auth")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = _f("local", "local: start an embedded Ray; auto or HOST:PORT: join one")
+    num_cpus: int | None = _f(2, "CPUs for an embedded Ray (ignored when joining)", min=1)
+    num_gpus: int | None = _f(0, "GPUs for an embedded Ray (ignored when joining)", min=0)
+    resources: dict[str, float] = _f(dict, "custom resources of an embedded Ray's node")
+
+
+@dataclass(frozen=True)
+class SpecFleetConfig:
+    models: ModelsConfig = _required("target model and tokenizer")
+    drafters: list[DrafterConfig] = _required("drafter nodes (at least one)")
+    verifier: VerifierConfig = _f(VerifierConfig, "verifier groups hosting the target")
+    router: RouterConfig = _f(RouterConfig, "per-request drafter choice and fusion")
+    scheduler: SchedulerConfig = _f(SchedulerConfig, "draft length and pipelining")
+    server: ServerConfig = _f(ServerConfig, "gRPC server")
+    cluster: ClusterConfig = _f(ClusterConfig, "Ray cluster to run on")
+
+    def __post_init__(self):
+        if not self.drafters:
+            raise ValueError("drafters: at least one drafter is required")
+        names = [d.name for d in self.drafters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"drafters: duplicate name {dupes[0]!r}")
+        if self.router.default_drafter and self.router.default_drafter not in names:
+            raise ValueError(
+                f"router.default_drafter: {self.router.default_drafter!r} is not a drafter name"
+            )
+        if self.scheduler.draft_length > self.scheduler.max_draft_length:
+            raise ValueError("scheduler.draft_length: must be <= scheduler.max_draft_length")
+
+
+def load_config(path: str | Path) -> SpecFleetConfig:
+    """Load and validate a config file; raises ConfigError naming file and key path."""
+    return load_yaml_file(path, SpecFleetConfig)
+
+
+def summarize(cfg: SpecFleetConfig) -> str:
+    kinds = ", ".join(f"{d.name}({d.kind})" for d in cfg.drafters)
+    v = cfg.verifier
+    return (
+        f"target={cfg.models.target}; drafters: {kinds}; "
+        f"verifier: {v.count} group(s) x tp={v.tp_size} on {v.device}/{v.dtype}; "
+        f"server {cfg.server.host}:{cfg.server.port}"
+    )
+
+
+__all__ = ["SpecFleetConfig", "load_config", "summarize", "ConfigError"]

@@ -1,0 +1,120 @@
+"""The few data types that cross component, actor and process boundaries.
+
+A request's path: the router turns an API request into ``SamplingParams``; each
+speculation round sends drafters a ``DraftRequest`` (only the committed-token delta
+travels, drafters keep their own per-request state), gets back a ``DraftProposal``,
+and the verifier answers with a ``VerifyResult``. Everything here is plain Python /
+numpy so it pickles cheaply across Ray actors; torch tensors never cross.
+
+Vocabulary (vLLM's): *accepted* draft tokens; the *recovered* token sampled at the
+first rejection; the *bonus* token sampled when every draft token passed. Mean
+acceptance length counts the recovered/bonus token, so it is >= 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+ROOT = -1  # parent index of a draft token that follows the last committed token
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop sequence matched (it is not part of the output)
+    EOS = "eos"  # the target emitted its end-of-sequence token
+    CANCELLED = "cancelled"  # the client went away or its deadline expired
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop sequences, matched on decoded text
+    seed: int | None = None  # per-request RNG seed: same seed, same sampled output
+    ignore_eos: bool = False  # benchmarks decode a fixed length
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for anything the engine cannot honour."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0) or not math.isfinite(self.top_p):
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class DraftRequest:
+    """One request's part of a drafting call.
+
+    ``new_tokens`` are the tokens committed since this drafter last saw the request
+    (the whole prompt on the first call). ``position`` is where they start in the
+    committed sequence: a drafter first truncates its own state to ``position``
+    (this is how rejected speculative state is rolled back, gpt-fast style) and
+    then appends them.
+    """
+
+    request_id: str
+    position: int  # length of the committed sequence before new_tokens
+    new_tokens: list[int]  # committed-token delta
+    num_draft_tokens: int  # how many tokens to propose (the window); 0 = none
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class DraftProposal:
+    """A drafter's proposal for one request: a chain or a small token tree.
+
+    Node i proposes ``tokens[i]`` as the child of node ``parents[i]`` (``ROOT`` for a
+    child of the last committed token). Parents always precede children. A chain of
+    n tokens has parents ``[-1, 0, 1, ..., n-2]``.
+    """
+
+    request_id: str
+    tokens: list[int]  # [N]
+    parents: list[int]  # [N], ROOT or an index < i
+    confidences: list[float]  # [N], the drafter's probability of each token (for routing/fusion)
+    # [N, V] float32, only when the draft was *sampled*: the drafter's processed
+    # distribution that node i was drawn from. None means deterministic (one-hot q).
+    draft_probs: np.ndarray | None = None
+    drafter: str = ""  # which drafter produced it (stats, per-node for fused trees below)
+    node_drafters: list[str] | None = None  # per node, when several drafters were fused
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def chain_parents(n: int) -> list[int]:
+        return [ROOT] + list(range(n - 1)) if n else []
+
+    @classmethod
+    def empty(cls, request_id: str, drafter: str = "") -> DraftProposal:
+        return cls(request_id, [], [], [], None, drafter)
+
+
+@dataclass
+class VerifyResult:
+    """What verification committed for one request in one round."""
+
+    request_id: str
+    emitted: list[int]  # accepted draft tokens then one recovered/bonus token (may be cut by a stop)
+    num_accepted: int  # draft tokens accepted (excludes the recovered/bonus token)
+    num_drafted: int  # draft tokens proposed along the longest path considered
+    accepted_nodes: list[int]  # indices into the proposal's nodes, root to leaf
+    finish_reason: FinishReason | None = None  # set when the request is complete
+    forward_ns: int = 0  # time of the target forward pass this round (shared by the batch)
+    queue_ns: int = 0  # time the request waited before its forward pass
