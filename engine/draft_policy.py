@@ -1,0 +1,86 @@
+"""How many tokens to draft per request per round (policy only, no mechanism).
+
+Where it sits: before each round the engine asks the policy for every request's
+window; after verification it reports what was accepted. Windows only choose *what*
+is proposed; they can never change the output, which the accept rule fixes.
+
+``AdaptiveDraftLength`` picks the window that maximises expected committed tokens
+per unit time. With per-token acceptance α, a window γ commits on average
+``(1 − α^(γ+1)) / (1 − α)`` tokens and costs ``γ·c + 1`` target-forward units, where
+c is the measured draft-token/verify-step time ratio (PEARL's speed ratio). α is a
+per-request running estimate (EMA), so a request whose drafts stop matching falls
+back to plain decoding (γ = 0), SmartSpec-style, and recovers when drafts match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class DraftLengthPolicy(Protocol):
+    def window(self, request_id: str) -> int: ...
+
+    def observe(self, request_id: str, drafted: int, accepted: int) -> None: ...
+
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None: ...
+
+    def forget(self, request_id: str) -> None: ...
+
+
+@dataclass
+class FixedDraftLength:
+    length: int
+
+    def window(self, request_id: str) -> int:
+        return self.length
+
+    def observe(self, request_id: str, drafted: int, accepted: int) -> None:
+        pass
+
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None:
+        pass
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+    """Expected tokens per target-forward-equivalent (Leviathan et al.'s formula)."""
+    if gamma == 0:
+        return 1.0
+    committed = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return committed / (gamma * cost_ratio + 1)
+
+
+@dataclass
+class AdaptiveDraftLength:
+    max_length: int = 8
+    initial_alpha: float = 0.6  # prior before a request has any history
+    smoothing: float = 0.3  # EMA weight of the newest round
+    cost_ratio: float = 0.1  # prior c until timings are observed
+    _alpha: dict[str, float] = field(default_factory=dict)
+
+    def window(self, request_id: str) -> int:
+        alpha = self._alpha.get(request_id, self.initial_alpha)
+        best = max(range(self.max_length + 1), key=lambda g: expected_speedup(alpha, g, self.cost_ratio))
+        # Keep a one-token probe when speculation looks unprofitable so that α can
+        # recover if the request enters a predictable stretch (cost: one draft token).
+        return max(best, 1) if self.cost_ratio < 0.5 else best
+
+    def observe(self, request_id: str, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        # A window of γ with a accepted tokens: estimate per-token α as the fraction of
+        # positions passed, counting the rejected one (a < γ) as a failure.
+        trials = accepted + (1 if accepted < drafted else 0)
+        rate = accepted / trials if trials else 1.0
+        old = self._alpha.get(request_id, self.initial_alpha)
+        self._alpha[request_id] = (1 - self.smoothing) * old + self.smoothing * rate
+
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None:
+        if verify_ns > 0 and draft_ns_per_token > 0:
+            self.cost_ratio = 0.8 * self.cost_ratio + 0.2 * (draft_ns_per_token / verify_ns)
+
+    def forget(self, request_id: str) -> None:
+        self._alpha.pop(request_id, None)

@@ -1,0 +1,237 @@
+"""The in-process speculative engine: admit → draft → verify → commit, for a batch.
+
+Where it sits: ``specfleet bench engine`` and tests drive it directly; the Ray
+runtime runs the same round structure with drafters and the verifier behind actor
+handles. Mechanism only: which drafter serves a request is given at ``submit``
+(the router decides it), how long each window is comes from a ``DraftLengthPolicy``.
+
+A round: every active request gets a ``DraftRequest`` carrying only the committed
+tokens its drafter has not seen; drafters propose (one batched call per drafter);
+the verifier checks every proposal in one forward pass and commits the exact
+target output; finished requests are released everywhere and their full sequence
+is offered to drafters that learn across requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from specfleet.core.types import DraftProposal, DraftRequest, FinishReason, SamplingParams
+from specfleet.drafters.base import Drafter
+from specfleet.engine.draft_policy import DraftLengthPolicy, FixedDraftLength
+from specfleet.verifiers.verifier import Verifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestStats:
+    """Speculation statistics of one request (vLLM's vocabulary)."""
+
+    rounds: int = 0  # verification rounds (target forward passes) after prefill
+    drafted: int = 0  # draft tokens proposed (longest path per round)
+    accepted: int = 0  # draft tokens accepted
+    emitted: int = 0  # tokens committed (accepted + recovered/bonus)
+    position_drafted: list[int] = field(default_factory=list)  # [k]: rounds with a k-th draft token
+    position_accepted: list[int] = field(default_factory=list)  # [k]: rounds accepting it
+    drafters: Counter = field(default_factory=Counter)  # drafter name → rounds served
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per verification round, counting the recovered/bonus token."""
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def observe_round(self, drafted: int, accepted: int, emitted: int, drafter: str | None) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.emitted += emitted
+        for k in range(drafted):
+            if k == len(self.position_drafted):
+                self.position_drafted.append(0)
+                self.position_accepted.append(0)
+            self.position_drafted[k] += 1
+            self.position_accepted[k] += int(k < accepted)
+        if drafter and drafted:
+            self.drafters[drafter] += 1
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    prompt: list[int]
+    token_ids: list[int]  # generated tokens only
+    finish_reason: FinishReason
+    stats: RequestStats
+
+
+@dataclass
+class _Active:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    drafter: str | None
+    seen: int = 0  # committed tokens the drafter has been sent
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+class SpecEngine:
+    """Runs speculative decoding for many requests in one process."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        drafters: Mapping[str, Drafter],
+        *,
+        draft_policy: DraftLengthPolicy | None = None,
+        max_batch_size: int = 8,
+    ):
+        self.verifier = verifier
+        self.drafters = dict(drafters)
+        self.policy = draft_policy or FixedDraftLength(4)
+        self.max_batch_size = max_batch_size
+        self._waiting: deque[_Active] = deque()
+        self._active: dict[str, _Active] = {}
+        self._finished: list[GenerationOutput] = []
+        self._next_id = 0
+
+    # ---- submission ------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        drafter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; ``drafter=None`` decodes it without speculation."""
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        if drafter is not None and drafter not in self.drafters:
+            raise ValueError(f"unknown drafter {drafter!r} (known: {', '.join(self.drafters)})")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._active or any(r.request_id == request_id for r in self._waiting):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._waiting.append(_Active(request_id, list(prompt), sampling, drafter))
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now and free its KV caches; True if it was queued or running."""
+        for queued in self._waiting:
+            if queued.request_id == request_id:
+                self._waiting.remove(queued)
+                return True
+        req = self._active.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.CANCELLED)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        drafter: str | None = None,
+    ) -> list[GenerationOutput]:
+        """Run a batch to completion; outputs in prompt order."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        ids = [self.submit(p, s, drafter=drafter) for p, s in zip(prompts, sampling)]
+        done: dict[str, GenerationOutput] = {}
+        while self.has_work:
+            for output in self.step():
+                done[output.request_id] = output
+        return [done[i] for i in ids]
+
+    def step(self) -> list[GenerationOutput]:
+        """One round for every active request; returns the requests that finished."""
+        self._admit()
+        if not self._active:
+            return self._drain_finished()
+        start = time.perf_counter_ns()
+        proposals, draft_positions = self._draft()
+        verify_start = time.perf_counter_ns()
+        results = self.verifier.verify([proposals[rid] for rid in self._active])
+        if draft_positions:
+            # c = time of one draft position (the whole batch) / one verify step
+            self.policy.observe_timing(
+                (verify_start - start) / draft_positions, time.perf_counter_ns() - verify_start
+            )
+        for result in results:
+            req = self._active[result.request_id]
+            req.stats.observe_round(
+                result.num_drafted, result.num_accepted, len(result.emitted), req.drafter
+            )
+            self.policy.observe(req.request_id, result.num_drafted, result.num_accepted)
+            if result.finish_reason is not None:
+                self._finish(req, result.finish_reason)
+        return self._drain_finished()
+
+    def _admit(self) -> None:
+        batch = []
+        while self._waiting and len(self._active) + len(batch) < self.max_batch_size:
+            batch.append(self._waiting.popleft())
+        if not batch:
+            return
+        try:
+            self.verifier.add_requests([(r.request_id, r.prompt, r.sampling) for r in batch])
+        except Exception:
+            # Nothing was admitted: put the batch back so no request is silently lost.
+            self._waiting.extendleft(reversed(batch))
+            raise
+        for req in batch:
+            self._active[req.request_id] = req
+
+    def _draft(self) -> tuple[dict[str, DraftProposal], int]:
+        """Proposals per request, and the number of sequential draft positions taken."""
+        proposals: dict[str, DraftProposal] = {}
+        by_drafter: dict[str, list[DraftRequest]] = {}
+        for rid, req in self._active.items():
+            window = self.policy.window(rid) if req.drafter else 0
+            if window <= 0:
+                proposals[rid] = DraftProposal.empty(rid)
+                continue
+            tokens = self.verifier.tokens(rid)
+            by_drafter.setdefault(req.drafter, []).append(
+                DraftRequest(rid, req.seen, tokens[req.seen :], window, req.sampling)
+            )
+            req.seen = len(tokens)
+        positions = 0
+        for name, requests in by_drafter.items():
+            for proposal in self.drafters[name].propose(requests):
+                proposals[proposal.request_id] = proposal
+            positions += max(len(proposals[r.request_id]) for r in requests)
+        return proposals, positions
+
+    def _finish(self, req: _Active, reason: FinishReason) -> None:
+        tokens = self.verifier.tokens(req.request_id)
+        self.verifier.release(req.request_id)
+        for drafter in self.drafters.values():
+            drafter.release(req.request_id)
+            if reason != FinishReason.CANCELLED:
+                drafter.observe_output(tokens)
+        self.policy.forget(req.request_id)
+        del self._active[req.request_id]
+        self._finished.append(
+            GenerationOutput(req.request_id, req.prompt, tokens[len(req.prompt) :], reason, req.stats)
+        )
+
+    def _drain_finished(self) -> list[GenerationOutput]:
+        done, self._finished = self._finished, []
+        return done
