@@ -16,6 +16,7 @@ import sys
 # Modules that each add subcommands; listed here so a new feature is one line.
 SUBCOMMAND_MODULES = [
     "specfleet.core.cli_config",
+    "specfleet.benchmarks.cli_bench",
 ]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

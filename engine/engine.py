@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from specfleet.core.types import DraftProposal, DraftRequest, FinishReason, SamplingParams
@@ -79,6 +79,7 @@ class _Active:
     prompt: list[int]
     sampling: SamplingParams
     drafter: str | None
+    max_draft_length: int | None = None  # the client's cap on the window
     seen: int = 0  # committed tokens the drafter has been sent
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -93,8 +94,12 @@ class SpecEngine:
         *,
         draft_policy: DraftLengthPolicy | None = None,
         max_batch_size: int = 8,
+        token_sink: Callable[[str, list[int]], None] | None = None,
     ):
+        """``token_sink(request_id, tokens)`` receives each round's committed tokens
+        as soon as they are verified (streaming servers use it)."""
         self.verifier = verifier
+        self.token_sink = token_sink
         self.drafters = dict(drafters)
         self.policy = draft_policy or FixedDraftLength(4)
         self.max_batch_size = max_batch_size
@@ -111,6 +116,7 @@ class SpecEngine:
         *,
         drafter: str | None = None,
         request_id: str | None = None,
+        max_draft_length: int | None = None,
     ) -> str:
         """Queue a request; ``drafter=None`` decodes it without speculation."""
         sampling = sampling or SamplingParams()
@@ -122,7 +128,7 @@ class SpecEngine:
             self._next_id += 1
         if request_id in self._active or any(r.request_id == request_id for r in self._waiting):
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._waiting.append(_Active(request_id, list(prompt), sampling, drafter))
+        self._waiting.append(_Active(request_id, list(prompt), sampling, drafter, max_draft_length))
         return request_id
 
     def cancel(self, request_id: str) -> bool:
@@ -136,6 +142,11 @@ class SpecEngine:
             return False
         self._finish(req, FinishReason.CANCELLED)
         return True
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Every queued or running request."""
+        return [r.request_id for r in self._waiting] + list(self._active)
 
     @property
     def has_work(self) -> bool:
@@ -179,6 +190,8 @@ class SpecEngine:
                 result.num_drafted, result.num_accepted, len(result.emitted), req.drafter
             )
             self.policy.observe(req.request_id, result.num_drafted, result.num_accepted)
+            if self.token_sink is not None and result.emitted:
+                self.token_sink(req.request_id, result.emitted)
             if result.finish_reason is not None:
                 self._finish(req, result.finish_reason)
         return self._drain_finished()
@@ -203,11 +216,15 @@ class SpecEngine:
         proposals: dict[str, DraftProposal] = {}
         by_drafter: dict[str, list[DraftRequest]] = {}
         for rid, req in self._active.items():
-            window = self.policy.window(rid) if req.drafter else 0
+            tokens = self.verifier.tokens(rid)
+            # Drafts past max_new_tokens are wasted: the round's bonus token is free.
+            remaining = req.sampling.max_new_tokens - (len(tokens) - len(req.prompt))
+            window = min(self.policy.window(rid), remaining - 1) if req.drafter else 0
+            if req.max_draft_length is not None:
+                window = min(window, req.max_draft_length)
             if window <= 0:
                 proposals[rid] = DraftProposal.empty(rid)
                 continue
-            tokens = self.verifier.tokens(rid)
             by_drafter.setdefault(req.drafter, []).append(
                 DraftRequest(rid, req.seen, tokens[req.seen :], window, req.sampling)
             )

@@ -109,13 +109,18 @@ class Verifier:
     def verify(self, proposals: Sequence[DraftProposal]) -> list[VerifyResult]:
         """Score all proposals in one forward pass and commit what the accept rule emits."""
         start = time.perf_counter_ns()
-        items, pending_counts = [], []
+        items, pending_counts, checked = [], [], []
         for proposal in proposals:
             req = self._requests[proposal.request_id]
             if req.finish_reason is not None:
                 raise ValueError(f"request {proposal.request_id!r} is already finished")
             pending = req.tokens[self.runner.length(proposal.request_id) :]
             n_pending = len(pending)
+            room = self.runner.max_seq_len - len(req.tokens)  # cache slots left for drafts
+            if len(proposal) > room:
+                # Parents precede children, so a prefix of the nodes is still a valid tree.
+                proposal = _trim(proposal, max(0, room))
+            checked.append(proposal)
             parents = list(range(-1, n_pending - 1))
             parents += [n_pending - 1 if p == ROOT else n_pending + p for p in proposal.parents]
             rows = [n_pending - 1] + [n_pending + i for i in range(len(proposal))]
@@ -125,7 +130,7 @@ class Verifier:
         forward_ns = time.perf_counter_ns() - start
 
         results = []
-        for proposal, logits, n_pending in zip(proposals, all_logits, pending_counts):
+        for proposal, logits, n_pending in zip(checked, all_logits, pending_counts):
             rid = proposal.request_id
             req = self._requests[rid]
             base = self.runner.length(rid) - n_pending - len(proposal)
@@ -161,6 +166,14 @@ class Verifier:
             )
             req.submitted_ns = time.perf_counter_ns()
         return results
+
+
+def _trim(proposal: DraftProposal, n: int) -> DraftProposal:
+    q = None if proposal.draft_probs is None else proposal.draft_probs[:n]
+    return DraftProposal(
+        proposal.request_id, proposal.tokens[:n], proposal.parents[:n],
+        proposal.confidences[:n], q, proposal.drafter,
+    )
 
 
 def _draft_probs(proposal: DraftProposal) -> torch.Tensor | None:

@@ -1,0 +1,95 @@
+"""Build drafters, the verifier and the in-process engine from a ``SpecFleetConfig``.
+
+Where it sits: start-up. The in-process engine (benchmarks, tests) and the Ray
+actors (one drafter or verifier per actor) all construct their pieces here, so a
+config means the same thing everywhere. Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from specfleet.core.config import DrafterConfig, SpecFleetConfig, VerifierConfig
+from specfleet.drafters.base import Drafter
+from specfleet.verifiers.verifier import Verifier
+
+logger = logging.getLogger(__name__)
+
+
+def build_drafter(
+    cfg: DrafterConfig, *, target: str, max_slots: int, max_seq_len: int, device: str = "cpu"
+) -> Drafter:
+    """One drafter from its config; model drafters are checked against the target's vocabulary."""
+    if cfg.kind == "ngram":
+        from specfleet.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
+    if cfg.kind == "suffix":
+        from specfleet.drafters.suffix_tree import SuffixTreeDrafter
+
+        return SuffixTreeDrafter(name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
+
+    from specfleet.drafters.model_drafter import ModelDrafter
+    from specfleet.models.llama_runner import LlamaRunner
+    from specfleet.models.loading import check_same_vocabulary, load_causal_lm, resolve_model_path
+
+    key = f"drafters[{cfg.name}].model"
+    path = resolve_model_path(cfg.model, config_key=key)
+    check_same_vocabulary(resolve_model_path(target, config_key="models.target"), path, cfg.name)
+    model = load_causal_lm(str(path), device=device, dtype="float32", config_key=key)
+    runner = LlamaRunner(model, max_slots=max_slots, max_seq_len=max_seq_len, device=device)
+    return ModelDrafter(runner, name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
+
+
+def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = None) -> Verifier:
+    from specfleet.models.llama_runner import LlamaRunner
+    from specfleet.models.loading import load_causal_lm, load_tokenizer
+
+    vcfg = verifier_cfg or cfg.verifier
+    model = load_causal_lm(
+        cfg.models.target, device=vcfg.device, dtype=vcfg.dtype, config_key="models.target"
+    )
+    tokenizer = load_tokenizer(
+        cfg.models.tokenizer or cfg.models.target,
+        config_key="models.tokenizer" if cfg.models.tokenizer else "models.target",
+    )
+    # The engine caps each window at the tokens a request still needs, so a cache of
+    # max_seq_len also holds the drafts of the last round.
+    runner = LlamaRunner(
+        model,
+        max_slots=vcfg.max_batch_size,
+        max_seq_len=vcfg.max_seq_len,
+        device=vcfg.device,
+        dtype=vcfg.dtype,
+    )
+    eos = tokenizer.eos_token_id
+    return Verifier(
+        runner,
+        eos_token_ids=[] if eos is None else [eos],
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+    )
+
+
+def build_engine(cfg: SpecFleetConfig):
+    """The whole in-process engine described by ``cfg`` (tensor parallelism aside)."""
+    from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
+    from specfleet.engine.engine import SpecEngine
+
+    verifier = build_verifier(cfg)
+    drafters = {
+        d.name: build_drafter(
+            d,
+            target=cfg.models.target,
+            max_slots=cfg.verifier.max_batch_size,
+            max_seq_len=cfg.verifier.max_seq_len,
+            device=cfg.verifier.device,
+        )
+        for d in cfg.drafters
+    }
+    sched = cfg.scheduler
+    policy = (
+        AdaptiveDraftLength(max_length=sched.max_draft_length)
+        if sched.adaptive
+        else FixedDraftLength(sched.draft_length)
+    )
+    return SpecEngine(verifier, drafters, draft_policy=policy, max_batch_size=cfg.verifier.max_batch_size)

@@ -1,0 +1,185 @@
+"""The seam between the API server and whatever runs generation.
+
+Where it sits: the gRPC servicer (``router/servicer.py``) turns each RPC into a
+``GenerationRequest`` and consumes ``GenerationChunk``s from a ``GenerationBackend``.
+Two backends implement it: ``EngineBackend`` below (the in-process engine on a
+dedicated thread: tests, single-machine serving) and the Ray runtime in
+``specfleet.cluster`` (drafter and verifier actors). The servicer never knows which.
+
+Continuous batching: requests are admitted into the running engine between rounds,
+so a new request never waits for the current batch to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from specfleet.core.types import FinishReason, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    drafter: str | None = None  # preference; None lets the backend choose
+    speculate: bool = True  # False: plain autoregressive decoding
+    max_draft_length: int | None = None  # cap on the window; None = the scheduler's choice
+
+
+@dataclass
+class GenerationChunk:
+    request_id: str
+    token_ids: list[int]  # tokens committed since the previous chunk
+    finish_reason: FinishReason | None = None  # set on the last chunk only
+    stats: dict | None = None  # on the last chunk: drafted, accepted, mean_acceptance_length, drafters
+    error: str | None = None  # the backend failed this request (servicer maps it to INTERNAL)
+
+
+@dataclass
+class BackendInfo:
+    target: str
+    tokenizer: str
+    vocab_size: int
+    max_seq_len: int
+    drafters: list[dict] = field(default_factory=list)  # name, kind, domain
+    verifier_groups: list[dict] = field(default_factory=list)  # tp_size, device, dtype
+
+
+class GenerationBackend(Protocol):
+    def info(self) -> BackendInfo: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Chunks until one has ``finish_reason``. Closing the iterator early (client
+        cancel, deadline) cancels the request and frees its KV caches."""
+        ...
+
+    def active_request_ids(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+
+def stats_dict(stats) -> dict:
+    """RequestStats → the plain dict carried by the final chunk."""
+    return {
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "rounds": stats.rounds,
+        "mean_acceptance_length": stats.mean_acceptance_length,
+        "drafters": dict(stats.drafters),
+    }
+
+
+class EngineBackend:
+    """Runs a ``SpecEngine`` on its own thread; asyncio callers stream from it.
+
+    The engine is not thread-safe, so only the engine thread touches it: callers
+    post commands to an inbox, and results come back through each request's
+    asyncio queue via ``loop.call_soon_threadsafe``.
+    """
+
+    def __init__(self, engine, info: BackendInfo, *, default_drafter: str | None = None):
+        self.engine = engine
+        self._info = info
+        self.default_drafter = default_drafter
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = threading.Event()
+        engine.token_sink = self._on_tokens
+        self._thread = threading.Thread(target=self._run, name="specfleet-engine", daemon=True)
+        self._thread.start()
+
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def active_request_ids(self) -> list[str]:
+        return list(self.engine.verifier.active)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._closed.is_set():
+            raise RuntimeError("backend is shut down")
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (loop, chunks)
+        self._inbox.put(("submit", request))
+        finished = False
+        try:
+            while True:
+                chunk = await chunks.get()
+                yield chunk
+                if chunk.finish_reason is not None or chunk.error is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:  # the consumer went away: stop the work, free the caches
+                self._inbox.put(("cancel", request.request_id))
+
+    async def close(self) -> None:
+        self._closed.set()
+        self._inbox.put(("stop", None))
+        await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- engine thread ------------------------------------------------------------
+    def _emit(self, chunk: GenerationChunk) -> None:
+        target = self._streams.get(chunk.request_id)
+        if target is not None:
+            loop, chunks = target
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+    def _on_tokens(self, request_id: str, tokens: list[int]) -> None:
+        self._emit(GenerationChunk(request_id, list(tokens)))
+
+    def _handle(self, command: str, payload) -> None:
+        if command == "submit":
+            request: GenerationRequest = payload
+            drafter = (request.drafter or self.default_drafter) if request.speculate else None
+            try:
+                self.engine.submit(
+                    request.prompt_token_ids, request.sampling, drafter=drafter,
+                    request_id=request.request_id, max_draft_length=request.max_draft_length,
+                )
+            except ValueError as exc:
+                self._emit(GenerationChunk(request.request_id, [], error=str(exc)))
+        elif command == "cancel":
+            self.engine.cancel(payload)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            block = not self.engine.has_work
+            try:
+                command, payload = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                command = None
+            if command == "stop":
+                break
+            if command is not None:
+                self._handle(command, payload)
+                continue  # drain the inbox before the next round
+            if not self.engine.has_work:
+                continue
+            try:
+                finished = self.engine.step()
+            except Exception as exc:  # a failed round must not kill the server
+                logger.exception("engine round failed")
+                self._fail_all(str(exc))
+                continue
+            for out in finished:
+                if out.finish_reason != FinishReason.CANCELLED:
+                    self._emit(
+                        GenerationChunk(out.request_id, [], out.finish_reason, stats_dict(out.stats))
+                    )
+
+    def _fail_all(self, message: str) -> None:
+        for rid in self.engine.request_ids:
+            self.engine.cancel(rid)
+            self._emit(GenerationChunk(rid, [], error=message))
+        self.engine.step()  # drain the cancelled outputs
