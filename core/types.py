@@ -89,7 +89,8 @@ class DraftProposal:
     parents: list[int]  # [N], ROOT or an index < i
     confidences: list[float]  # [N], the drafter's probability of each token (for routing/fusion)
     # [N, V] float32, only when the draft was *sampled*: the drafter's processed
-    # distribution that node i was drawn from. None means deterministic (one-hot q).
+    # distribution that node i was drawn from. None means every node is deterministic
+    # (one-hot q); an all-NaN row marks one deterministic node in a mixed (fused) tree.
     draft_probs: np.ndarray | None = None
     drafter: str = ""  # which drafter produced it (stats, per-node for fused trees below)
     node_drafters: list[str] | None = None  # per node, when several drafters were fused

@@ -9,10 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 SUBPACKAGES = sorted(
@@ -30,7 +30,7 @@ def test_required_layout_is_packaged():
 
 
 def test_editable_install_imports_every_subpackage():
-    code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % SUBPACKAGES
+    code = f"import importlib\nfor name in {SUBPACKAGES!r}:\n    importlib.import_module(name)\n"
     code += "import specfleet.proto, os; print(os.path.dirname(specfleet.proto.__file__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr

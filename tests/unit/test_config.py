@@ -142,3 +142,10 @@ def test_cli_show_prints_resolved_yaml(tmp_path):
 def test_help_everywhere(argv):
     result = run_cli(*argv)
     assert result.returncode == 0 and "usage" in result.stdout
+
+
+def test_configuration_reference_is_current():
+    from specfleet.core.config_reference import render
+
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == render(), "run: python -m specfleet.core.config_reference > docs/configuration.md"
