@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specfleet.core.types import DraftProposal, FinishReason, SamplingParams
 from specfleet.drafters.base import Drafter
 from specfleet.drafters.model_drafter import ModelDrafter
+from specfleet.drafters.ngram import NgramDrafter
+from specfleet.drafters.suffix_tree import SuffixTreeDrafter
 from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
 from specfleet.engine.engine import SpecEngine
 from specfleet.models.llama_runner import LlamaRunner
@@ -96,7 +98,7 @@ class OracleTreeDrafter(Drafter):
         self.seq.pop(request_id, None)
 
 
-@pytest.mark.parametrize("drafter_kind", ["self", "random", "none", "tree"])
+@pytest.mark.parametrize("drafter_kind", ["self", "random", "none", "tree", "ngram", "suffix"])
 def test_greedy_batch_equals_hf_generate(target, drafter_kind):
     expected = [hf_greedy(target, p, 24) for p in PROMPTS]
     drafters = {
@@ -104,6 +106,8 @@ def test_greedy_batch_equals_hf_generate(target, drafter_kind):
         "random": {"d": model_drafter(tiny_llama(7, layers=1), "d")},
         "none": {},
         "tree": {"d": OracleTreeDrafter({tuple(p): e for p, e in zip(PROMPTS, expected)})},
+        "ngram": {"d": NgramDrafter(name="d")},
+        "suffix": {"d": SuffixTreeDrafter(name="d", tree_width=2)},
     }[drafter_kind]
     engine = make_engine(target, drafters)
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24),
