@@ -82,7 +82,10 @@ class RouterConfig:
     )
     default_drafter: str | None = _f(None, "drafter used when nothing is known; default: first")
     exploration: float = _f(0.1, "fraction of requests routed to try a non-best drafter", min=0)
-    fuse_top_k: int = _f(1, "drafters whose proposals are fused per request (1 = no fusion)", min=1)
+
+    def __post_init__(self):
+        if self.exploration > 1:
+            raise ValueError(f"exploration: must be <= 1, got {self.exploration}")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,6 @@ class SchedulerConfig:
     draft_length: int = _f(4, "initial draft window (tokens per round)", min=0)
     max_draft_length: int = _f(8, "upper bound for the adaptive window", min=1)
     adaptive: bool = _f(True, "adapt the window to acceptance and draft/verify speed")
-    pipelined: bool = _f(True, "overlap drafting of the next window with verification")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ class ServerConfig:
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", min=1)
     max_message_bytes: int = _f(4 * 1024 * 1024, "gRPC message size limit", min=1024)
     auth_token: str | None = _f(None, "bearer token required from clients; none = no auth")
+    tls_cert: str | None = _f(None, "PEM certificate chain file; with tls_key the server uses TLS")
+    tls_key: str | None = _f(None, "PEM private key file of tls_cert")
+
+    def __post_init__(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key: set both or neither")
 
 
 @dataclass(frozen=True)

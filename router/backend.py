@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from specfleet.core.types import FinishReason, SamplingParams
+from specfleet.router.expertise import DrafterProfile, ExpertiseRouter
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +87,55 @@ class EngineBackend:
     asyncio queue via ``loop.call_soon_threadsafe``.
     """
 
-    def __init__(self, engine, info: BackendInfo, *, default_drafter: str | None = None):
+    def __init__(
+        self,
+        engine,
+        info: BackendInfo,
+        *,
+        default_drafter: str | None = None,
+        router: ExpertiseRouter | None = None,
+    ):
+        """``router`` picks a drafter for requests without a preference; without one,
+        ``default_drafter`` serves them."""
         self.engine = engine
         self._info = info
         self.default_drafter = default_drafter
+        self.router = router
+        self._routes: dict[str, tuple[str, str]] = {}  # request id → (domain, drafter)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = threading.Event()
         engine.token_sink = self._on_tokens
         self._thread = threading.Thread(target=self._run, name="specfleet-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg) -> EngineBackend:
+        """The in-process engine, router and info described by a ``SpecFleetConfig``."""
+        from specfleet.engine.builder import build_engine
+
+        engine = build_engine(cfg)
+        runner = engine.verifier.runner
+        info = BackendInfo(
+            target=cfg.models.target,
+            tokenizer=cfg.models.tokenizer or cfg.models.target,
+            vocab_size=runner.vocab_size,
+            max_seq_len=runner.max_seq_len,
+            drafters=[{"name": d.name, "kind": d.kind, "domain": d.domain} for d in cfg.drafters],
+            verifier_groups=[
+                {"tp_size": cfg.verifier.tp_size, "device": cfg.verifier.device,
+                 "dtype": cfg.verifier.dtype}
+            ] * cfg.verifier.count,
+        )
+        default = cfg.router.default_drafter or cfg.drafters[0].name
+        router = None
+        if cfg.router.policy == "expertise":
+            router = ExpertiseRouter(
+                [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
+                exploration=cfg.router.exploration,
+                decode=engine.verifier.decode,
+            )
+        return cls(engine, info, default_drafter=default, router=router)
 
     def info(self) -> BackendInfo:
         return self._info
@@ -141,7 +181,13 @@ class EngineBackend:
     def _handle(self, command: str, payload) -> None:
         if command == "submit":
             request: GenerationRequest = payload
-            drafter = (request.drafter or self.default_drafter) if request.speculate else None
+            drafter = request.drafter if request.speculate else None
+            if request.speculate and drafter is None:
+                if self.router is not None:
+                    domain, drafter = self.router.route(request.prompt_token_ids)
+                    self._routes[request.request_id] = (domain, drafter)
+                else:
+                    drafter = self.default_drafter
             try:
                 self.engine.submit(
                     request.prompt_token_ids, request.sampling, drafter=drafter,
@@ -173,6 +219,9 @@ class EngineBackend:
                 self._fail_all(str(exc))
                 continue
             for out in finished:
+                route = self._routes.pop(out.request_id, None)
+                if route is not None and out.stats.rounds:
+                    self.router.observe(*route, out.stats.mean_acceptance_length)
                 if out.finish_reason != FinishReason.CANCELLED:
                     self._emit(
                         GenerationChunk(out.request_id, [], out.finish_reason, stats_dict(out.stats))

@@ -6,6 +6,7 @@ would be shadowed by proto-plus, which ``ray[default]`` installs.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,10 +39,13 @@ def test_editable_install_imports_every_subpackage():
 
 
 def test_wheel_install_imports_every_subpackage(tmp_path):
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    wheel_dir, target, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # Build from a clean copy: setuptools reuses ./build, which could carry stale files.
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(wheel_dir), str(REPO)],
+         "-w", str(wheel_dir), str(source)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr
