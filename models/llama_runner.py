@@ -6,25 +6,35 @@ its model through it. Both need the same three things HF's ``forward`` does not
 give cheaply: a per-request KV cache that can be truncated (rejected drafts) or
 compacted (the accepted path of a tree), ragged batches, and tree attention masks.
 
-Why not drive HF modules with a custom cache: on CPU the small models we serve are
-dominated by per-op overhead, and HF's cache/mask plumbing adds many small ops per
-layer (measured ~2x per decode step for the tiny zoo target). This file loads the
-HF weights unchanged and reimplements only the Llama forward (RMSNorm, RoPE, GQA
-attention, SwiGLU), with the same op order as transformers so fp32 logits match it
-to rounding; HF ``generate`` stays the oracle in tests.
+Why not drive HF modules with a custom cache: HF's ``DynamicCache`` crops every
+request of a batch to one length, so ragged per-request rollback and compaction of a
+tree's accepted path would mean copying caches around each round. Speed alone is not
+the reason: a plain decode step is only ~1.1x faster here than HF's (measured with
+``python -m specfleet.benchmarks.runner_bench``, see docs/benchmarks.md). This file
+loads the HF weights unchanged and reimplements only the Llama forward (RMSNorm,
+RoPE, GQA attention, SwiGLU), with the same op order as transformers so fp32 logits
+match it to rounding; HF ``generate`` stays the oracle in tests.
 
 KV cache layout (gpt-fast style, rollback is implicit): per layer one tensor
 ``[max_slots, max_seq_len, kv_heads, head_dim]``; a request owns a slot and a
 length. Rejected tokens are simply beyond the length and get overwritten later.
 Tree tokens are written in submission order and ``compact`` moves the accepted
 path down to consecutive positions.
+
+Tensor parallelism (gpt-fast ``tp.py`` layout; the process group is passed in, see
+``verifiers/tensor_parallel.py`` for the group of processes around it): with a
+``tp_group`` of size T, rank r keeps heads ``[r*H/T, (r+1)*H/T)`` of q/k/v and the
+matching columns of o (column-wise then row-wise), the same for gate/up and down,
+and sums the row-parallel partial outputs with one all-reduce after o and one after
+down. Its KV cache holds only its own kv heads. Embeddings, norms and the LM head
+stay whole on every rank. With T == 1 (or no group) nothing changes.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +50,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one this runner implements."""
+
+
+class TensorParallelError(ValueError):
+    """The model cannot be split over the requested number of tensor-parallel ranks."""
+
+
+class TPGroup(Protocol):
+    """What the runner needs of a tensor-parallel group: a ``torch.distributed``
+    ``ProcessGroup`` (or backend such as ``ProcessGroupGloo``) satisfies it as is."""
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+    def allreduce(self, tensors: list[torch.Tensor]) -> Any: ...  # a Work with .wait()
 
 
 @dataclass
@@ -85,31 +110,27 @@ class LlamaRunner:
         max_seq_len: int,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
+        tp_group: TPGroup | None = None,
     ):
+        """``tp_group``: this rank's tensor-parallel group (None or size 1: unsharded).
+        Every rank of the group must make the same sequence of calls (see module doc)."""
         cfg = model.config
-        model_type = getattr(cfg, "model_type", "?")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported by the runner "
-                f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
-            )
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            if model_type == "mistral" and cfg.sliding_window < max_seq_len:
-                raise UnsupportedModelError("sliding-window attention is not supported")
+        check_supported(cfg, max_seq_len)
+        tp_size = 1 if tp_group is None else tp_group.size()
+        check_tensor_parallel(cfg, tp_size)
+        self.tp_group = tp_group if tp_size > 1 else None
+        self.tp_rank = 0 if self.tp_group is None else tp_group.rank()
+        self.tp_size = tp_size
         rope = getattr(cfg, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act {cfg.hidden_act!r} is not supported")
 
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.config = cfg
         self.vocab_size = cfg.vocab_size
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        # Heads on this rank: all of them unless tensor-parallel.
+        self.num_heads = cfg.num_attention_heads // tp_size
+        self.num_kv_heads = (cfg.num_key_value_heads or cfg.num_attention_heads) // tp_size
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
@@ -120,12 +141,26 @@ class LlamaRunner:
             ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim)
         ).to(self.device)
 
-        model = model.to(device=self.device, dtype=self.dtype)
-        inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
-        self.layers = [self._extract_layer(layer) for layer in inner.layers]
+        if self.tp_group is None:
+            model = model.to(device=self.device, dtype=self.dtype)
+            inner = model.model
+            self.embed = inner.embed_tokens.weight
+            self.final_norm = inner.norm.weight
+            self.lm_head = model.lm_head.weight
+            self.layers = [self._extract_layer(layer) for layer in inner.layers]
+        else:
+            # Slice before moving, so a rank never holds the whole model on its device.
+            def move(t: torch.Tensor) -> torch.Tensor:
+                return t.detach().to(device=self.device, dtype=self.dtype)
+
+            inner = model.model
+            self.embed = move(inner.embed_tokens.weight)
+            self.final_norm = move(inner.norm.weight)
+            self.lm_head = move(model.lm_head.weight)
+            self.layers = [
+                shard_layer(self._extract_layer(layer), self.tp_rank, tp_size, move)
+                for layer in inner.layers
+            ]
         shape = (max_slots, max_seq_len, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -274,10 +309,11 @@ class LlamaRunner:
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
             attn = attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-            hidden = residual + F.linear(attn, layer.o)
+            hidden = residual + self._all_reduce(F.linear(attn, layer.o))
             residual = hidden
             x = _rms_norm(hidden, layer.post_norm, self.eps)
-            hidden = residual + F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+            mlp = F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+            hidden = residual + self._all_reduce(mlp)
 
         # Only the requested rows go through the final norm and the LM head.
         row_b, row_i, counts = [], [], []
@@ -292,11 +328,82 @@ class LlamaRunner:
         logits = F.linear(_rms_norm(picked, self.final_norm, self.eps), self.lm_head).float()
         return list(torch.split(logits.cpu(), counts))
 
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum a row-parallel output ``[B, S, hidden]`` over the group (in place)."""
+        if self.tp_group is not None:
+            self.tp_group.allreduce([partial]).wait()
+        return partial
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # freqs: [B, S, D/2] → cos/sin [B, S, 1, D] (broadcast over heads)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[:, :, None], emb.sin().to(self.dtype)[:, :, None]
+
+
+def check_supported(cfg, max_seq_len: int) -> None:
+    """Raise UnsupportedModelError unless the runner implements ``cfg``'s architecture."""
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by the runner "
+            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+        )
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        if model_type == "mistral" and cfg.sliding_window < max_seq_len:
+            raise UnsupportedModelError("sliding-window attention is not supported")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {cfg.hidden_act!r} is not supported")
+    # The forward has no o_proj / MLP bias terms (Qwen2 has q/k/v biases only).
+    if getattr(cfg, "mlp_bias", False) or (model_type != "qwen2" and getattr(cfg, "attention_bias", False)):
+        raise UnsupportedModelError("o_proj / MLP biases are not supported")
+
+
+def check_tensor_parallel(cfg, tp_size: int) -> None:
+    """Raise TensorParallelError unless every sharded dimension splits evenly over ``tp_size``."""
+    if tp_size < 1:
+        raise TensorParallelError(f"tensor-parallel size must be >= 1, got {tp_size}")
+    dims = {
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+    }
+    for name, value in dims.items():
+        if value % tp_size:
+            raise TensorParallelError(
+                f"{name} ({value}) is not divisible by the tensor-parallel size {tp_size}: "
+                "each rank must hold whole heads and an equal slice of the MLP"
+            )
+
+
+def shard_layer(layer: _Layer, rank: int, size: int, move=lambda t: t) -> _Layer:
+    """Rank ``rank``'s slice (of ``size``) of one decoder layer's weights.
+
+    q/k/v/gate/up are split by output rows (column-parallel: whole heads, since the
+    head counts divide by ``size``; rank r's q heads use exactly its own kv heads under
+    GQA), o/down by input columns (row-parallel: partial sums the caller all-reduces).
+    Norm weights are replicated. ``move`` puts each slice on the rank's device/dtype;
+    slices are copied so the unsharded weights can be freed.
+    """
+
+    def rows(w):
+        return None if w is None else move(w.detach().chunk(size, dim=0)[rank]).clone()
+
+    def cols(w):
+        return move(w.detach().chunk(size, dim=1)[rank]).contiguous().clone()
+
+    return _Layer(
+        input_norm=move(layer.input_norm.detach()),
+        q=rows(layer.q), k=rows(layer.k), v=rows(layer.v),
+        q_bias=rows(layer.q_bias), k_bias=rows(layer.k_bias), v_bias=rows(layer.v_bias),
+        o=cols(layer.o),
+        post_norm=move(layer.post_norm.detach()),
+        gate=rows(layer.gate), up=rows(layer.up), down=cols(layer.down),
+    )
 
 
 def _tree_structure(parents: list[int] | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
