@@ -143,44 +143,53 @@ class EngineBench:
             raise AssertionError(f"{method} on {domain} prompt {i} diverged from the target's output")
 
     def run_domain_methods(self, progress: tqdm) -> dict:
-        """Batch-1 results: method → domain → figures (medians over runs)."""
+        """Batch-1 results: method → domain → figures (medians over runs).
+
+        Repetitions are interleaved (run 1 of every method, then run 2, ...) so that
+        drift in machine load does not favour whichever method ran first."""
         s = self.s
-        engine = self._engine(s.draft_length)
-        results: dict[str, dict[str, dict]] = {}
-        for domain in DOMAINS:
-            methods = {"ours-ar": None, "hf-greedy": None, "hf-assisted": domain}
-            for name in s.drafters:
-                methods[f"ours:{name}"] = domain if name == "specialist" else name
-            for method, arg in methods.items():
-                per_run_tps, accept_len, accept_rate = [], [], []
-                for _run in range(s.runs):
+        samples: dict[tuple[str, str], dict[str, list]] = {}
+        for _run in range(s.runs):
+            for domain in DOMAINS:
+                for method, arg in self._methods(domain).items():
+                    # A fresh engine per method and run: the suffix drafter learns from
+                    # every finished output and must not have seen this prompt's answer.
+                    engine = self._engine(s.draft_length)
+                    figures = samples.setdefault((method, domain), {"tps": [], "len": [], "rate": []})
                     tokens = seconds = 0.0
                     emitted = rounds = drafted = accepted = 0
                     for i, prompt in enumerate(self.prompts[domain]):
                         if method.startswith("hf"):
-                            assistant = self.drafter_hf[arg] if arg else None
-                            dt, out = self._timed_hf(prompt, assistant)
+                            dt, out = self._timed_hf(prompt, self.drafter_hf[arg] if arg else None)
                         else:
                             dt, result = self._timed_ours(engine, prompt, arg)
-                            out = result.token_ids
-                            st = result.stats
+                            out, st = result.token_ids, result.stats
                             emitted, rounds = emitted + st.emitted, rounds + st.rounds
                             drafted, accepted = drafted + st.drafted, accepted + st.accepted
                         self._check(domain, i, out, method)
                         tokens += len(out)
                         seconds += dt
                         progress.update(1)
-                    per_run_tps.append(tokens / seconds)
+                    figures["tps"].append(tokens / seconds)
                     if rounds:
-                        accept_len.append(emitted / rounds)
-                        accept_rate.append(accepted / drafted if drafted else 0.0)
-                results.setdefault(method, {})[domain] = {
-                    "tokens_per_s": statistics.median(per_run_tps),
-                    "runs_tokens_per_s": per_run_tps,
-                    "mean_acceptance_length": statistics.median(accept_len) if accept_len else None,
-                    "acceptance_rate": statistics.median(accept_rate) if accept_rate else None,
-                }
+                        figures["len"].append(emitted / rounds)
+                        figures["rate"].append(accepted / drafted if drafted else 0.0)
+        results: dict[str, dict[str, dict]] = {}
+        for (method, domain), f in samples.items():
+            results.setdefault(method, {})[domain] = {
+                "tokens_per_s": statistics.median(f["tps"]),
+                "runs_tokens_per_s": f["tps"],
+                "mean_acceptance_length": statistics.median(f["len"]) if f["len"] else None,
+                "acceptance_rate": statistics.median(f["rate"]) if f["rate"] else None,
+            }
         return results
+
+    def _methods(self, domain: str) -> dict[str, str | None]:
+        """method name → drafter (ours) or assistant (HF) for a domain's prompts."""
+        methods: dict[str, str | None] = {"ours-ar": None, "hf-greedy": None, "hf-assisted": domain}
+        for name in self.s.drafters:
+            methods[f"ours:{name}"] = domain if name == "specialist" else name
+        return methods
 
     def cost_ratios(self, steps: int = 20) -> dict[str, float]:
         """c = one-token decode forward time of each drafter / of the target (our runner)."""
@@ -205,12 +214,12 @@ class EngineBench:
     def run_batch(self, progress: tqdm) -> dict:
         """Mixed-domain batch: speculative (each request → its specialist) vs autoregressive."""
         s = self.s
-        engine = self._engine(s.draft_length, slots=s.batch_size)
-        mix = [(d, p) for i in range(s.batch_size) for d, p in [self._mixed(i)]]
+        mix = [self._mixed(i) for i in range(s.batch_size)]
         figures = {}
         for label in ("autoregressive", "speculative"):
             per_run = []
             for _ in range(s.runs):
+                engine = self._engine(s.draft_length, slots=s.batch_size)
                 ids = [
                     engine.submit(p, self.params, drafter=d if label == "speculative" else None)
                     for d, p in mix
