@@ -59,14 +59,20 @@ class AdaptiveDraftLength:
     initial_alpha: float = 0.6  # prior before a request has any history
     smoothing: float = 0.3  # EMA weight of the newest round
     cost_ratio: float = 0.1  # prior c until timings are observed
+    probe_every: int = 16  # rounds between one-token probes while speculation is off
     _alpha: dict[str, float] = field(default_factory=dict)
+    _rounds_off: dict[str, int] = field(default_factory=dict)
 
     def window(self, request_id: str) -> int:
         alpha = self._alpha.get(request_id, self.initial_alpha)
         best = max(range(self.max_length + 1), key=lambda g: expected_speedup(alpha, g, self.cost_ratio))
-        # Keep a one-token probe when speculation looks unprofitable so that α can
-        # recover if the request enters a predictable stretch (cost: one draft token).
-        return max(best, 1) if self.cost_ratio < 0.5 else best
+        if best > 0:
+            return best
+        # Speculation looks unprofitable. Without drafting, neither α nor c would ever
+        # be measured again, so it could never switch back on: probe with one token,
+        # every round while drafting is cheap, else every `probe_every` rounds.
+        rounds = self._rounds_off[request_id] = self._rounds_off.get(request_id, 0) + 1
+        return 1 if self.cost_ratio < 0.5 or rounds % self.probe_every == 0 else 0
 
     def observe(self, request_id: str, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -84,3 +90,4 @@ class AdaptiveDraftLength:
 
     def forget(self, request_id: str) -> None:
         self._alpha.pop(request_id, None)
+        self._rounds_off.pop(request_id, None)
