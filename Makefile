@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean proto proto-check
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Regenerate the committed gRPC stubs from proto/specfleet.proto (pinned grpcio-tools);
+# tests/unit/test_proto_stubs.py fails while they are stale.
+proto: install
+	$(PY) scripts/gen_proto.py
+
+proto-check: install
+	$(PY) scripts/gen_proto.py --check
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -16,7 +16,10 @@ import sys
 # Modules that each add subcommands; listed here so a new feature is one line.
 SUBCOMMAND_MODULES = [
     "specfleet.core.cli_config",
+    "specfleet.zoo.cli_zoo",
     "specfleet.benchmarks.cli_bench",
+    "specfleet.router.cli_generate",
+    "specfleet.router.cli_serve",
 ]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -42,19 +42,38 @@ def build_drafter(
 
 
 def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = None) -> Verifier:
+    """The target's verifier; a ``TPVerifierGroup`` (this process is rank 0) when tp_size > 1."""
     from specfleet.models.llama_runner import LlamaRunner
-    from specfleet.models.loading import load_causal_lm, load_tokenizer
+    from specfleet.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     vcfg = verifier_cfg or cfg.verifier
-    model = load_causal_lm(
-        cfg.models.target, device=vcfg.device, dtype=vcfg.dtype, config_key="models.target"
-    )
     tokenizer = load_tokenizer(
         cfg.models.tokenizer or cfg.models.target,
         config_key="models.tokenizer" if cfg.models.tokenizer else "models.target",
     )
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
     # The engine caps each window at the tokens a request still needs, so a cache of
     # max_seq_len also holds the drafts of the last round.
+    if vcfg.tp_size > 1:
+        from specfleet.verifiers.tensor_parallel import TPVerifierGroup
+
+        return TPVerifierGroup(
+            str(resolve_model_path(cfg.models.target, config_key="models.target")),
+            vcfg.tp_size,
+            max_slots=vcfg.max_batch_size,
+            max_seq_len=vcfg.max_seq_len,
+            devices=vcfg.device,
+            dtype=vcfg.dtype,
+            eos_token_ids=eos,
+            decode=decode,
+        )
+    model = load_causal_lm(
+        cfg.models.target, device=vcfg.device, dtype=vcfg.dtype, config_key="models.target"
+    )
     runner = LlamaRunner(
         model,
         max_slots=vcfg.max_batch_size,
@@ -62,12 +81,7 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
         device=vcfg.device,
         dtype=vcfg.dtype,
     )
-    eos = tokenizer.eos_token_id
-    return Verifier(
-        runner,
-        eos_token_ids=[] if eos is None else [eos],
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-    )
+    return Verifier(runner, eos_token_ids=eos, decode=decode)
 
 
 def build_engine(cfg: SpecFleetConfig):

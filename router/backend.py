@@ -154,9 +154,11 @@ class EngineBackend:
         try:
             while True:
                 chunk = await chunks.get()
+                # Set before yielding: a consumer that stops right after the last chunk
+                # closes us at this yield, and a finished request needs no cancel.
+                finished = chunk.finish_reason is not None or chunk.error is not None
                 yield chunk
-                if chunk.finish_reason is not None or chunk.error is not None:
-                    finished = True
+                if finished:
                     return
         finally:
             self._streams.pop(request.request_id, None)

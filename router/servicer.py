@@ -1,0 +1,289 @@
+"""The gRPC servicer: ``specfleet.v1.SpecFleet`` over any ``GenerationBackend``.
+
+Where it sits: between the wire and the backend. For each RPC it validates the
+request (INVALID_ARGUMENT naming the field), tokenizes a text prompt, admits the
+request under ``server.max_concurrent_requests`` (else RESOURCE_EXHAUSTED), streams
+``GenerationChunk``s from the backend and turns them into responses, detokenizing
+incrementally (``text_stream.py``) and cutting the text before a stop sequence.
+
+Errors are raised, never reported by hand: ``RequestError`` carries its status
+code, anything else is a bug or a backend failure; the exception interceptor in
+``server.py`` maps both to a status and logs once. Cancellation is structural: the
+backend stream is always closed (``aclosing``) when the handler exits for any reason
+(gRPC cancels the handler on a client cancel or an expired deadline; errors), and
+closing it cancels the request in the backend and frees its KV caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from specfleet import __version__
+from specfleet.core.config import ServerConfig
+from specfleet.core.types import FinishReason, SamplingParams
+from specfleet.proto import specfleet_pb2 as pb
+from specfleet.proto import specfleet_pb2_grpc as pb_grpc
+from specfleet.router.backend import GenerationBackend, GenerationChunk, GenerationRequest
+from specfleet.router.text_stream import TextStream
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecFleet"].full_name  # "specfleet.v1.SpecFleet"
+DEFAULT_MAX_NEW_TOKENS = 64  # when a request leaves max_new_tokens unset (capped by the limit)
+MAX_REQUEST_ID_CHARS = 128
+INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a worker thread
+
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+class Tokenizer(Protocol):
+    """What the servicer needs of a tokenizer (a Hugging Face tokenizer fits)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class RequestError(Exception):
+    """A request the server refuses; the interceptor answers with ``code`` and the message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class BackendFailure(Exception):
+    """The backend failed a request (it reported an error chunk): INTERNAL."""
+
+
+@dataclass
+class _Prepared:
+    request: GenerationRequest
+    received_ns: int
+
+
+class SpecFleetServicer(pb_grpc.SpecFleetServicer):
+    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, config: ServerConfig):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config
+        self._info = backend.info()
+        self._drafters = [d["name"] for d in self._info.drafters]
+        self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_limit)
+        self._in_flight: set[str] = set()
+
+    # ---- RPCs ------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        prepared = await self._prepare(request)
+        response = pb.GenerateResponse(request_id=prepared.request.request_id)
+        text: list[str] = []
+        async with self._admitted(prepared):
+            async with contextlib.aclosing(self._run(prepared)) as chunks:
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    response.token_ids.extend(chunk.token_ids)
+                    if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        response.finish_reason = chunk.finish_reason
+                        response.usage.CopyFrom(chunk.usage)
+                        response.stats.CopyFrom(chunk.stats)
+                        response.timings.CopyFrom(chunk.timings)
+        response.text = "".join(text)
+        return response
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        prepared = await self._prepare(request)
+        async with self._admitted(prepared):
+            async with contextlib.aclosing(self._run(prepared)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        info = self._info
+        return pb.InfoResponse(
+            target=info.target,
+            tokenizer=info.tokenizer,
+            vocab_size=info.vocab_size,
+            drafters=[
+                pb.DrafterInfo(name=d.get("name", ""), kind=d.get("kind", ""),
+                               domain=d.get("domain", ""))
+                for d in info.drafters
+            ],
+            verifier_groups=[
+                pb.VerifierGroupInfo(tp_size=v.get("tp_size", 1), device=v.get("device", ""),
+                                     dtype=v.get("dtype", ""))
+                for v in info.verifier_groups
+            ],
+            limits=pb.Limits(
+                max_new_tokens=self.config.max_new_tokens_limit,
+                default_max_new_tokens=self.default_max_new_tokens,
+                max_concurrent_requests=self.config.max_concurrent_requests,
+                max_seq_len=info.max_seq_len,
+                max_message_bytes=self.config.max_message_bytes,
+            ),
+            server_version=__version__,
+        )
+
+    # ---- one request -------------------------------------------------------------------
+    async def _run(self, prepared: _Prepared) -> AsyncIterator[pb.GenerateChunk]:
+        """Backend chunks → wire chunks; the last carries finish reason, usage, stats."""
+        req = prepared.request
+        text = TextStream(self._decode, req.sampling.stop)
+        completion_tokens = 0
+        first_token_ns = 0
+        async with contextlib.aclosing(self.backend.stream(req)) as chunks:
+            async for chunk in chunks:
+                if chunk.error is not None:
+                    raise BackendFailure(f"request {req.request_id}: {chunk.error}")
+                if chunk.token_ids and not first_token_ns:
+                    first_token_ns = time.perf_counter_ns() - prepared.received_ns
+                completion_tokens += len(chunk.token_ids)
+                out = pb.GenerateChunk(
+                    request_id=req.request_id, token_ids=chunk.token_ids,
+                    text=text.push(chunk.token_ids),
+                )
+                if chunk.finish_reason is not None:
+                    out.text += text.finish()
+                    out.finish_reason = _FINISH[FinishReason(chunk.finish_reason)]
+                    out.usage.prompt_tokens = len(req.prompt_token_ids)
+                    out.usage.completion_tokens = completion_tokens
+                    _fill_stats(out.stats, chunk)
+                    out.timings.total_ns = time.perf_counter_ns() - prepared.received_ns
+                    out.timings.first_token_ns = first_token_ns
+                    yield out
+                    return
+                yield out
+        raise BackendFailure(f"request {req.request_id}: the backend ended the stream unfinished")
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, prepared: _Prepared):
+        rid = prepared.request.request_id
+        if len(self._in_flight) >= self.config.max_concurrent_requests:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.config.max_concurrent_requests} concurrent "
+                "requests; retry later",
+            )
+        if rid in self._in_flight:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id: {rid!r} is already in flight")
+        self._in_flight.add(rid)
+        try:
+            yield
+        finally:
+            self._in_flight.discard(rid)
+
+    # ---- validation ----------------------------------------------------------------------
+    async def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
+        """Validate and tokenize; raises ``RequestError`` naming the offending field."""
+        received_ns = time.perf_counter_ns()
+        info = self._info
+        sampling = self._sampling(request.sampling)
+        prompt = await self._prompt(request)
+        if len(prompt) + sampling.max_new_tokens > info.max_seq_len:
+            raise invalid(
+                f"prompt: {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} "
+                f"exceed the context of {info.max_seq_len} tokens"
+            )
+        spec = request.speculation
+        drafter = spec.drafter or None
+        if drafter is not None and drafter not in self._drafters:
+            known = ", ".join(self._drafters) or "none"
+            raise invalid(f"speculation.drafter: unknown drafter {drafter!r} (known: {known})")
+        request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise invalid(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        return _Prepared(
+            GenerationRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                sampling=sampling,
+                drafter=drafter,
+                speculate=not spec.disable,
+                max_draft_length=spec.max_draft_length if spec.HasField("max_draft_length") else None,
+            ),
+            received_ns,
+        )
+
+    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            text = request.text
+            if not text:
+                raise invalid("prompt.text: must not be empty")
+            if len(text) > INLINE_TOKENIZE_CHARS:  # keep the event loop (other streams) moving
+                ids = list(await asyncio.to_thread(self.tokenizer.encode, text))
+            else:
+                ids = list(self.tokenizer.encode(text))
+            if not ids:
+                raise invalid("prompt.text: tokenizes to no tokens")
+            return ids
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise invalid("prompt.token_ids: must not be empty")
+            vocab = self._info.vocab_size
+            for pos, token in enumerate(ids):
+                if not 0 <= token < vocab:
+                    raise invalid(
+                        f"prompt.token_ids: id {token} at position {pos} is outside the "
+                        f"vocabulary [0, {vocab})"
+                    )
+            return ids
+        raise invalid("prompt: must not be empty (set text or token_ids)")
+
+    def _sampling(self, msg: pb.SamplingParameters) -> SamplingParams:
+        limit = self.config.max_new_tokens_limit
+        max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else self.default_max_new_tokens
+        if not 0 < max_new <= limit:
+            raise invalid(f"sampling.max_new_tokens: must be in [1, {limit}], got {max_new}")
+        if not math.isfinite(msg.temperature) or msg.temperature < 0:
+            raise invalid(f"sampling.temperature: must be a finite number >= 0, got {msg.temperature}")
+        if any(not s for s in msg.stop):
+            raise invalid("sampling.stop: stop sequences must not be empty strings")
+        params = SamplingParams(
+            temperature=msg.temperature,
+            top_k=msg.top_k,
+            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+            max_new_tokens=max_new,
+            stop=tuple(msg.stop),
+            seed=msg.seed if msg.HasField("seed") else None,
+        )
+        try:
+            params.validate()
+        except ValueError as exc:  # its messages start with the field name
+            raise invalid(f"sampling.{exc}") from None
+        return params
+
+
+def _fill_stats(stats: pb.SpeculationStats, chunk: GenerationChunk) -> None:
+    s = chunk.stats or {}
+    stats.drafted = int(s.get("drafted", 0))
+    stats.accepted = int(s.get("accepted", 0))
+    stats.rounds = int(s.get("rounds", 0))
+    stats.mean_acceptance_length = float(s.get("mean_acceptance_length", 0.0))
+    for name, rounds in (s.get("drafters") or {}).items():
+        stats.drafters[name] = int(rounds)

@@ -1,0 +1,299 @@
+"""End to end on loopback: SDK → gRPC server → in-process engine with the tiny zoo.
+
+One server for the module (configs/tiny.yaml through ``make_backend``, exactly what
+``specfleet serve --backend inprocess`` runs). The invariants: greedy output through
+the API is the target's own Hugging Face ``generate`` output, token for token, for
+every drafter and without one; streamed text joins to the unary text; cancels and
+deadlines free the request in the engine; bad input is INVALID_ARGUMENT naming the
+field and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from specfleet.client import AsyncClient, Client, SpecFleetError
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["def fibonacci(n):\n    ", "The quick brown fox", "import os\nimport sys\n",
+           '{"name": "alice", "id": ']
+NEW_TOKENS = 16
+
+
+@dataclass
+class Stack:
+    cfg: object
+    backend: object
+    tokenizer: object
+    server: object
+    target: object  # the target as a plain HF model, for reference outputs
+
+    def expected(self, prompt: str, n: int = NEW_TOKENS) -> list[int]:
+        import torch
+
+        ids = self.tokenizer.encode(prompt)
+        eos = self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                       eos_token_id=eos, pad_token_id=eos)
+        return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_zoo):
+    from specfleet.core.config import load_config
+    from specfleet.models.loading import load_causal_lm
+    from specfleet.router.server import ServerThread, load_tokenizer, make_backend
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    backend = make_backend(cfg, "inprocess")
+    try:
+        tokenizer = load_tokenizer(cfg)
+        target = load_causal_lm(cfg.models.target, config_key="models.target")
+        with ServerThread(backend, tokenizer, cfg.server) as server:
+            yield Stack(cfg, backend, tokenizer, server, target)
+    finally:
+        asyncio.run(backend.close())
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with Client(stack.server.address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def expected(stack):
+    return {p: stack.expected(p) for p in PROMPTS}
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.parametrize("drafter", ["general", "code", "ngram", "suffix", None])
+def test_greedy_output_is_the_targets_own(stack, client, expected, drafter):
+    for prompt in PROMPTS:
+        result = client.generate(prompt, max_new_tokens=NEW_TOKENS, drafter=drafter,
+                                 speculate=drafter is not None)
+        assert result.token_ids == expected[prompt], (prompt, drafter)
+        assert result.text == stack.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        assert result.usage.prompt_tokens == len(stack.tokenizer.encode(prompt))
+        assert result.usage.completion_tokens == len(result.token_ids)
+        assert result.finish_reason in ("length", "eos")
+        if drafter is None:
+            assert result.stats.drafted == 0
+        elif result.stats.drafted:
+            assert set(result.stats.drafters) == {drafter}
+            assert result.stats.mean_acceptance_length >= 1.0
+
+
+def test_stream_joins_to_the_unary_result(client, expected):
+    prompt = PROMPTS[0]
+    chunks = list(client.stream(prompt, max_new_tokens=NEW_TOKENS))
+    result = client.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert [t for c in chunks for t in c.token_ids] == expected[prompt] == result.token_ids
+    assert "".join(c.text for c in chunks) == result.text
+    assert [c.finish_reason is not None for c in chunks].count(True) == 1
+    assert chunks[-1].usage == result.usage and chunks[-1].stats.rounds > 0
+
+
+def test_token_id_prompt_and_stop_sequence(stack, client, expected):
+    prompt = PROMPTS[0]
+    ids = stack.tokenizer.encode(prompt)
+    assert client.generate(ids, max_new_tokens=NEW_TOKENS).token_ids == expected[prompt]
+    full = stack.tokenizer.decode(expected[prompt], skip_special_tokens=True)
+    stop = full.strip()[len(full.strip()) // 2:][:3]  # some text from the middle
+    assume = full.index(stop)
+    result = client.generate(prompt, max_new_tokens=NEW_TOKENS, stop=[stop])
+    assert result.finish_reason == "stop" and result.text == full[:assume]
+    assert "".join(c.text for c in client.stream(prompt, max_new_tokens=NEW_TOKENS,
+                                                 stop=[stop])) == full[:assume]
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    kwargs = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    first = client.generate(PROMPTS[1], **kwargs)
+    assert client.generate(PROMPTS[1], drafter="ngram", **kwargs).token_ids == first.token_ids
+
+
+def test_32_concurrent_streams_all_complete_correctly(stack, expected):
+    async def one(client: AsyncClient, prompt: str) -> tuple[list[int], str]:
+        tokens, text = [], ""
+        async for chunk in client.stream(prompt, max_new_tokens=NEW_TOKENS):
+            tokens += chunk.token_ids
+            text += chunk.text
+        return tokens, text
+
+    async def scenario():
+        async with AsyncClient(stack.server.address, timeout=120) as client:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+            return prompts, await asyncio.gather(*(one(client, p) for p in prompts))
+
+    prompts, outputs = asyncio.run(scenario())
+    for prompt, (tokens, text) in zip(prompts, outputs):
+        assert tokens == expected[prompt]
+        assert text == stack.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert wait_until(lambda: not stack.backend.active_request_ids())
+
+
+@pytest.fixture
+def slow_engine(stack):
+    """Each engine round takes >= 50 ms, so a request is reliably still running when
+    its deadline expires or its client goes away."""
+    engine = stack.backend.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return step()
+
+    engine.step = slow_step
+    yield
+    del engine.step  # back to the class's method
+
+
+class Watch:
+    """Records whether ``request_id`` was ever active in the backend."""
+
+    def __init__(self, backend, request_id):
+        self.seen = False
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                self.seen = self.seen or request_id in backend.active_request_ids()
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_deadline_frees_the_request(stack, client, slow_engine):
+    for rid, call in [
+        ("deadline-unary", lambda: client.generate(PROMPTS[0], max_new_tokens=100,
+                                                   speculate=False, request_id="deadline-unary",
+                                                   timeout=0.6)),
+        ("deadline-stream", lambda: list(client.stream(PROMPTS[0], max_new_tokens=100,
+                                                       speculate=False,
+                                                       request_id="deadline-stream",
+                                                       timeout=0.6))),
+    ]:
+        watch = Watch(stack.backend, rid)
+        with pytest.raises(SpecFleetError) as err:
+            call()
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_until(lambda rid=rid: rid not in stack.backend.active_request_ids())
+        watch.stop()
+        assert watch.seen, "the request never reached the engine"
+
+
+def test_client_cancel_frees_the_request(stack, client, slow_engine):
+    stream = client.stream(PROMPTS[1], max_new_tokens=100, speculate=False, request_id="cancel-1")
+    first = next(stream)
+    assert first.finish_reason is None
+    assert "cancel-1" in stack.backend.active_request_ids()
+    stream.close()  # leaving the loop cancels the call
+    assert wait_until(lambda: "cancel-1" not in stack.backend.active_request_ids())
+
+
+def test_engine_failure_is_internal_and_the_engine_keeps_serving(stack, client, expected):
+    engine = stack.backend.engine
+    step = engine.step
+    failed = []
+
+    def failing_once():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("injected verifier failure")
+        return step()
+
+    engine.step = failing_once
+    try:
+        with pytest.raises(SpecFleetError) as err:
+            client.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
+    finally:
+        del engine.step
+    assert err.value.code == grpc.StatusCode.INTERNAL
+    assert "injected verifier failure" in err.value.message
+    assert client.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS).token_ids == expected[PROMPTS[0]]
+    assert not stack.backend.active_request_ids()
+
+
+def _bad_requests(vocab: int, limit: int, context: int):
+    return [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt.token_ids"),
+        ({"max_new_tokens": 0}, "sampling.max_new_tokens"),
+        ({"max_new_tokens": -3}, "sampling.max_new_tokens"),
+        ({"max_new_tokens": limit + 1}, "sampling.max_new_tokens"),
+        ({"temperature": -0.5}, "sampling.temperature"),
+        ({"temperature": float("nan")}, "sampling.temperature"),
+        ({"temperature": float("inf")}, "sampling.temperature"),
+        ({"top_p": 0.0}, "sampling.top_p"),
+        ({"top_p": 1.5}, "sampling.top_p"),
+        ({"top_k": -1}, "sampling.top_k"),
+        ({"stop": [""]}, "sampling.stop"),
+        ({"drafter": "nope"}, "speculation.drafter"),
+        ({"prompt": [1] * context}, "prompt"),
+        ({"prompt": " ".join(str(i) for i in range(context))}, "prompt"),
+        ({"prompt": [1, -1]}, "prompt.token_ids"),
+        ({"prompt": [1, vocab]}, "prompt.token_ids"),
+    ]
+
+
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stack, client, expected):
+    info = client.info()
+    cases = _bad_requests(info.vocab_size, info.limits.max_new_tokens, info.limits.max_seq_len)
+    for overrides, field in cases:
+        kwargs = {"prompt": "hello", "max_new_tokens": 4, **overrides}
+        for call in (client.generate, lambda **kw: list(client.stream(**kw))):
+            with pytest.raises(SpecFleetError) as err:
+                call(**kwargs)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, (overrides, err.value)
+            assert err.value.message.startswith(field), (overrides, err.value.message)
+    assert client.health() == "SERVING"
+    result = client.generate(PROMPTS[2], max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == expected[PROMPTS[2]]
+    assert not stack.backend.active_request_ids()
+
+
+def test_info_health_and_reflection(stack, client):
+    info = client.info()
+    cfg = stack.cfg
+    assert info.target == cfg.models.target
+    assert [d.name for d in info.drafters] == [d.name for d in cfg.drafters]
+    assert info.vocab_size == len(stack.tokenizer)
+    assert info.limits.max_new_tokens == cfg.server.max_new_tokens_limit
+    assert info.limits.max_seq_len == cfg.verifier.max_seq_len
+    assert info.verifier_groups[0].device == "cpu"
+    assert client.health() == "SERVING" and client.health("specfleet.v1.SpecFleet") == "SERVING"
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(stack.server.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"specfleet.v1.SpecFleet", "grpc.health.v1.Health"} <= services
+        generate = db.FindFileContainingSymbol("specfleet.v1.SpecFleet")
+        assert generate.package == "specfleet.v1"
