@@ -31,5 +31,10 @@ proto: install
 proto-check: install
 	$(PY) scripts/gen_proto.py --check
 
+# The main job: build the small zoo if needed, serve on an embedded local cluster,
+# send a mixed workload through the SDK, print outputs and a summary, shut down.
+demo: install
+	$(PY) scripts/demo.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

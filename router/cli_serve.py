@@ -1,30 +1,40 @@
-"""``specfleet serve --config FILE``: run the gRPC API server until SIGINT/SIGTERM.
+"""``specfleet serve --config FILE``: deploy a configuration and serve the gRPC API.
 
-Where it sits: start-up of a frontend. It loads the config, builds the backend
-with ``server.make_backend(cfg, kind)`` (the only place that knows backend kinds),
-loads the target's tokenizer and serves ``specfleet.v1`` plus health and reflection.
-On a signal it reports NOT_SERVING, lets running requests finish for a few seconds,
-then closes the backend.
+Where it sits: start-up of a frontend (on the Ray head, or any machine that can join
+the cluster). With ``--backend ray`` (the default) it starts an embedded local Ray
+(``--address local``, the default of configs/local.yaml) or joins one (``auto`` /
+``HOST:PORT``), places every drafter and the verifier group as actors, and logs what
+landed on which node; ``--backend inprocess`` runs the whole engine in this process
+instead. Either way it serves ``specfleet.v1`` plus health and reflection and logs
+``serving on HOST:PORT`` once ready. On SIGINT/SIGTERM: report NOT_SERVING, stop
+taking calls, let in-flight requests finish (drain), then release every actor.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="run the gRPC API server for a configuration")
+    p = subparsers.add_parser("serve", help="deploy a configuration and serve the gRPC API")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
-    p.add_argument("--port", type=int, default=None, metavar="N",
-                   help="port to listen on (default: server.port of the config; 0 = any free)")
     # Kinds are checked by server.make_backend (the one place that knows them), which
-    # keeps grpc and the engine out of `--help`.
-    p.add_argument("--backend", default="inprocess", metavar="KIND",
-                   help="what runs generation: inprocess = the engine in this process "
-                        "(default: inprocess)")
-    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                   help="on shutdown, how long running requests may finish (default: 5)")
+    # keeps grpc, Ray and the engine out of `--help`.
+    p.add_argument("--backend", default="ray", metavar="KIND",
+                   help="ray: drafter and verifier actors on a Ray cluster; inprocess: the "
+                        "whole engine in this process (default: ray)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --backend ray: local (start an embedded Ray), auto, or HOST:PORT "
+                        "of a running cluster (default: cluster.address of the config)")
+    p.add_argument("--port", type=int, default=None, metavar="N",
+                   help="gRPC port (default: server.port of the config; 0 = any free)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on shutdown, how long in-flight requests may take to finish (default: 30)")
     p.set_defaults(handler=_serve)
 
 
@@ -39,34 +49,47 @@ def _serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run(cfg, args))
-    except (OSError, ValueError) as exc:  # unusable port, model path, TLS files, ...
+        code = asyncio.run(_run(cfg, args))
+    except (OSError, ValueError, RuntimeError) as exc:  # port, model path, TLS files, Ray start
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    # Everything is released by now. Leave without interpreter finalisation: with
+    # stdout on a pipe, Ray's and gRPC's C++ threads can abort (SIGABRT) during the
+    # teardown of an already shut-down driver, turning a clean exit into -6.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _run(cfg, args) -> int:
     import asyncio
-    import logging
     import signal
 
     from specfleet.router.server import SpecFleetServer, load_tokenizer, make_backend
 
-    log = logging.getLogger("specfleet.serve")
-    # Model loading takes seconds to minutes; keep the event loop free meanwhile.
-    backend = await asyncio.to_thread(make_backend, cfg, args.backend)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Deploying loads every model (in its actor): seconds to minutes, off the event loop.
+    backend = await asyncio.to_thread(make_backend, cfg, args.backend, args.address)
+    runtime = getattr(backend, "runtime", None)  # the Ray backend logged its placements
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg)
         server = SpecFleetServer(backend, tokenizer, cfg.server, port=args.port)
         await server.start()
+        logger.info("serving on %s", server.address)
         print(f"specfleet: serving on {server.address}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down (grace %.1f s)", args.grace)
-        await server.stop(args.grace)
+        logger.info("shutting down: draining %d in-flight request(s)", len(backend.active_request_ids()))
+        # Stop taking calls; running streams may finish within the drain timeout.
+        await server.stop(args.drain_timeout)
+        left = backend.active_request_ids()
+        if left:
+            logger.warning("drain timed out; cancelling %d request(s)", len(left))
     finally:
-        await backend.close()
+        await backend.close()  # stops the engine thread; the Ray backend also frees every actor
+        if runtime is not None:
+            logger.info("released every actor and the verifier placement group")
     return 0

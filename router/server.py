@@ -37,7 +37,7 @@ from specfleet.router.servicer import SERVICE_NAME, RequestError, SpecFleetServi
 logger = logging.getLogger(__name__)
 
 # The backends ``make_backend`` can build; ``specfleet serve --backend`` offers these.
-BACKENDS: tuple[str, ...] = ("inprocess",)
+BACKENDS: tuple[str, ...] = ("ray", "inprocess")
 HEALTH_METHODS = frozenset(
     {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
 )
@@ -45,13 +45,23 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 # ---- backend and tokenizer from a config --------------------------------------------------
-def make_backend(cfg: SpecFleetConfig, kind: str = "inprocess") -> GenerationBackend:
-    """The generation backend ``cfg`` describes. ``inprocess``: the whole engine (and the
-    expertise router) on a thread of this process: single machine, tests."""
+def make_backend(
+    cfg: SpecFleetConfig, kind: str = "inprocess", address: str | None = None
+) -> GenerationBackend:
+    """The generation backend ``cfg`` describes.
+
+    ``inprocess``: the whole engine (and the expertise router) on a thread of this
+    process: single machine, tests. ``ray``: drafter and verifier actors on a Ray
+    cluster, started embedded or joined at ``address`` (default: cluster.address).
+    """
     if kind == "inprocess":
         from specfleet.router.backend import EngineBackend
 
         return EngineBackend.from_config(cfg)
+    if kind == "ray":
+        from specfleet.cluster.runtime import RayBackend
+
+        return RayBackend.from_config(cfg, address)
     raise ValueError(f"backend: unknown kind {kind!r} (known: {', '.join(BACKENDS)})")
 
 

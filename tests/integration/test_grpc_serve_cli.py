@@ -33,7 +33,8 @@ def _first_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def test_serve_generate_and_sigterm(tiny_zoo):
     server = subprocess.Popen(
-        [*CLI, "serve", "--config", str(REPO / "configs" / "tiny.yaml"), "--port", "0"],
+        [*CLI, "serve", "--config", str(REPO / "configs" / "tiny.yaml"), "--port", "0",
+         "--backend", "inprocess"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

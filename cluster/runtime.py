@@ -1,0 +1,317 @@
+"""The distributed runtime: deploy a config onto Ray and run ``SpecEngine`` over actors.
+
+Where it sits: ``specfleet serve`` (``router/cli_serve.py``) and tests build a
+``RayRuntime`` from a ``SpecFleetConfig``; it starts or joins Ray, places one
+drafter actor per configured drafter and one verifier-group actor, and wraps them
+in handles (``handles.py``). The round loop is the in-process engine's own
+``SpecEngine`` — admit → draft → verify → commit — not a copy: ``ActorSpecEngine``
+only changes *when* it waits for drafters (all proposal calls are in flight before
+it waits for any). ``RayBackend`` is ``router.backend.EngineBackend`` over that
+engine, so the gRPC servicer cannot tell it from the in-process backend.
+
+Control overhead per round (what the actor path adds to compute) is recorded in
+``ActorSpecEngine.timings``; ``overhead.py`` measures it against the in-process engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from specfleet.cluster.actors import (
+    DrafterFactory,
+    VerifierFactory,
+    create_verifier_group,
+    spawn_drafter,
+    spawn_verifier,
+)
+from specfleet.cluster.handles import DrafterHandle, VerifierHandle
+from specfleet.core.config import ClusterConfig, SpecFleetConfig
+from specfleet.core.types import DraftProposal
+from specfleet.engine.engine import SpecEngine
+from specfleet.router.backend import BackendInfo, EngineBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundTiming:
+    """Where one round's wall time went (ns). overhead = wall − compute on the critical path."""
+
+    wall_ns: int
+    draft_compute_ns: int  # slowest drafter's in-actor time (they run in parallel)
+    verify_compute_ns: int  # the verifier actor's in-actor time
+
+    @property
+    def overhead_ns(self) -> int:
+        return self.wall_ns - self.draft_compute_ns - self.verify_compute_ns
+
+
+class ActorSpecEngine(SpecEngine):
+    """``SpecEngine`` whose drafters are ``DrafterHandle``s, called concurrently.
+
+    The base ``_draft`` calls each drafter's ``propose`` in turn; over actors that
+    serialises drafters that could run side by side on different nodes. Here the
+    base method runs unchanged with every handle in *deferred* mode (``propose`` only
+    sends the call and answers placeholders), then the answers are gathered. The
+    windows, deltas and bookkeeping are therefore exactly the base engine's.
+    """
+
+    def __init__(self, *args, concurrent_drafts: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.concurrent_drafts = concurrent_drafts
+        self.timings: deque[RoundTiming] = deque(maxlen=4096)
+        self._draft_ns = 0
+
+    def step(self):
+        start = time.perf_counter_ns()
+        self._draft_ns = 0
+        self.verifier.last_compute_ns = 0
+        finished = super().step()
+        if self.timings.maxlen and self.verifier.last_compute_ns:
+            self.timings.append(
+                RoundTiming(time.perf_counter_ns() - start, self._draft_ns, self.verifier.last_compute_ns)
+            )
+        if not self.has_work:
+            # Releases normally ride on the next call; with nothing left to run, send
+            # them now so idle actors hold no KV slots of finished requests.
+            self.verifier.flush()
+            for handle in self.drafters.values():
+                if isinstance(handle, DrafterHandle):
+                    handle.flush()
+        return finished
+
+    def _draft(self) -> tuple[dict[str, DraftProposal], int]:
+        handles = {n: d for n, d in self.drafters.items() if isinstance(d, DrafterHandle)}
+        for handle in handles.values():
+            handle.last_compute_ns = 0
+        if not self.concurrent_drafts or not handles:
+            proposals, positions = super()._draft()
+            self._draft_ns = sum(h.last_compute_ns for h in handles.values())
+            return proposals, positions
+        deferred = {name: _Deferred(handle) for name, handle in handles.items()}
+        real, self.drafters = self.drafters, {**self.drafters, **deferred}
+        try:
+            proposals, _ = super()._draft()
+        finally:
+            self.drafters = real
+        positions, self._draft_ns = 0, 0
+        for stub in deferred.values():  # waits for the slowest; the others are already done
+            for pending in stub.pending:
+                got = stub.handle.collect(pending)
+                for proposal in got:
+                    proposals[proposal.request_id] = proposal
+                self._draft_ns = max(self._draft_ns, stub.handle.last_compute_ns)
+                # The drafters ran side by side: the round took the longest window, not the sum.
+                positions = max(positions, max((len(p) for p in got), default=0))
+        return proposals, positions
+
+
+class _Deferred:
+    """Stands in for a ``DrafterHandle`` during ``ActorSpecEngine._draft``."""
+
+    def __init__(self, handle: DrafterHandle):
+        self.handle = handle
+        self.pending = []
+
+    def propose(self, requests):
+        self.pending.append(self.handle.submit(requests))
+        return [DraftProposal.empty(r.request_id, self.handle.name) for r in requests]
+
+
+# ---- Ray connection ----------------------------------------------------------------------
+def connect(cluster: ClusterConfig, address: str | None = None) -> bool:
+    """Start an embedded Ray (``local``) or join one; True if this process started it."""
+    import ray
+
+    address = address or cluster.address
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(
+            num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, resources=dict(cluster.resources),
+            include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+        )
+        return True
+    ray.init(address=address, configure_logging=False)
+    return False
+
+
+# ---- the runtime ---------------------------------------------------------------------------
+@dataclass
+class Placement:
+    role: str  # "drafter" or "verifier"
+    name: str
+    node_id: str
+    node_ip: str
+    pid: int
+    resources: dict = field(default_factory=dict)
+
+
+class RayRuntime:
+    """One deployment: its actors, their handles and the engine driving them."""
+
+    def __init__(
+        self,
+        cfg: SpecFleetConfig,
+        *,
+        drafter_factories: Mapping[str, Callable] | None = None,
+        verifier_factory: Callable | None = None,
+        concurrent_drafts: bool = True,
+        call_timeout_s: float = 60.0,
+        start_timeout_s: float = 600.0,
+    ):
+        """Deploy ``cfg`` on the Ray this process is connected to (see ``connect``).
+
+        ``drafter_factories`` / ``verifier_factory`` replace the config-driven builders
+        (tests, fakes); by default each actor builds its piece with ``engine.builder``.
+        """
+        from specfleet.engine.builder import build_engine  # noqa: F401 - fail early if missing
+
+        self.cfg = cfg
+        self.owns_ray = False
+        vcfg = cfg.verifier
+        if vcfg.count > 1:
+            logger.warning("verifier.count=%d: this runtime drives one verifier group", vcfg.count)
+        slots = vcfg.max_batch_size
+        self.group = create_verifier_group(vcfg.tp_size, vcfg.resources, name="specfleet-verifier-0")
+        vfactory = verifier_factory or VerifierFactory(cfg)
+        self.verifier = VerifierHandle(
+            lambda: spawn_verifier(vfactory, vcfg.resources, self.group),
+            call_timeout_s=call_timeout_s * 2, start_timeout_s=start_timeout_s,
+        )
+        self.drafters: dict[str, DrafterHandle] = {}
+        for dcfg in cfg.drafters:
+            factory = (drafter_factories or {}).get(dcfg.name) or DrafterFactory(
+                dcfg, cfg.models.target, slots, vcfg.max_seq_len
+            )
+            self.drafters[dcfg.name] = DrafterHandle(
+                dcfg.name,
+                lambda f=factory, r=dcfg.resources: spawn_drafter(f, r),
+                can_sample=dcfg.kind == "model",
+                call_timeout_s=call_timeout_s,
+            )
+        try:
+            self.placements = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.engine = ActorSpecEngine(
+            self.verifier, self.drafters, draft_policy=_policy(cfg),
+            max_batch_size=slots, concurrent_drafts=concurrent_drafts,
+        )
+
+    @classmethod
+    def start(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayRuntime:
+        """Connect to Ray as the config (or ``address``) says, then deploy."""
+        owns = connect(cfg.cluster, address)
+        try:
+            runtime = cls(cfg, **kwargs)
+        except BaseException:
+            if owns:
+                import ray
+
+                ray.shutdown()
+            raise
+        runtime.owns_ray = owns
+        return runtime
+
+    def _wait_ready(self, timeout_s: float) -> list[Placement]:
+        placements = []
+        info = self.verifier.wait_ready(timeout_s)
+        placements.append(Placement("verifier", "verifier-0", info["node_id"], info["node_ip"], info["pid"],
+                                    _res(self.cfg.verifier.resources)))
+        for dcfg in self.cfg.drafters:
+            info = self.drafters[dcfg.name].wait_ready(timeout_s)
+            placements.append(Placement("drafter", dcfg.name, info["node_id"], info["node_ip"], info["pid"],
+                                        _res(dcfg.resources)))
+        for p in placements:
+            logger.info("placed %s %r on node %s (%s), pid %d, resources %s",
+                        p.role, p.name, p.node_id[:12], p.node_ip, p.pid, p.resources)
+        return placements
+
+    def backend_info(self) -> BackendInfo:
+        cfg = self.cfg
+        return BackendInfo(
+            target=cfg.models.target,
+            tokenizer=cfg.models.tokenizer or cfg.models.target,
+            vocab_size=self.verifier.info.get("vocab_size") or 0,
+            max_seq_len=self.verifier.info.get("max_seq_len") or cfg.verifier.max_seq_len,
+            drafters=[{"name": d.name, "kind": d.kind, "domain": d.domain} for d in cfg.drafters],
+            verifier_groups=[{"tp_size": cfg.verifier.tp_size, "device": cfg.verifier.device,
+                              "dtype": cfg.verifier.dtype}],
+        )
+
+    def backend(self) -> RayBackend:
+        return RayBackend(self)
+
+    def shutdown(self) -> None:
+        """Release every actor and the placement group; stop Ray if this runtime started it."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for handle in list(getattr(self, "drafters", {}).values()):
+            handle.shutdown()
+        if getattr(self, "verifier", None) is not None:
+            self.verifier.shutdown()
+        try:
+            remove_placement_group(self.group)
+        except Exception:  # already gone with the cluster
+            pass
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+        logger.info("runtime shut down: every actor released")
+
+
+class RayBackend(EngineBackend):
+    """``GenerationBackend`` over the Ray runtime: the in-process backend's thread and
+    streaming, with an engine whose drafters and verifier are actors."""
+
+    def __init__(self, runtime: RayRuntime, *, router=None):
+        self.runtime = runtime
+        default = runtime.cfg.router.default_drafter or runtime.cfg.drafters[0].name
+        super().__init__(runtime.engine, runtime.backend_info(), default_drafter=default, router=router)
+
+    @classmethod
+    def from_config(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayBackend:
+        """Start or join Ray, deploy ``cfg``, and route like ``EngineBackend.from_config``."""
+        runtime = RayRuntime.start(cfg, address, **kwargs)
+        try:
+            router = None
+            if cfg.router.policy == "expertise":
+                from specfleet.models.loading import load_tokenizer
+                from specfleet.router.expertise import DrafterProfile, ExpertiseRouter
+
+                # Routing reads request text in this process; the tokenizer is all it needs.
+                tok = load_tokenizer(cfg.models.tokenizer or cfg.models.target, config_key="models.tokenizer")
+                router = ExpertiseRouter(
+                    [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
+                    exploration=cfg.router.exploration,
+                    decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
+                )
+            return cls(runtime, router=router)
+        except BaseException:
+            runtime.shutdown()
+            raise
+
+    async def close(self) -> None:
+        """Stop the engine thread (after the caller drained requests) and free every actor."""
+        await super().close()
+        self.runtime.shutdown()
+
+
+def _policy(cfg: SpecFleetConfig):
+    from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
+
+    sched = cfg.scheduler
+    if sched.adaptive:
+        return AdaptiveDraftLength(max_length=sched.max_draft_length)
+    return FixedDraftLength(sched.draft_length)
+
+
+def _res(res) -> dict:
+    out = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.custom}
+    return {k: v for k, v in out.items() if v}

@@ -1,0 +1,196 @@
+"""Test and benchmark support for the Ray runtime: tiny checkpoints, a config, fakes.
+
+Where it sits: outside any request path. Integration tests and the overhead
+benchmark (``overhead.py``) use it to deploy real configs without the model zoo:
+``write_tiny_models`` saves random tiny Llama checkpoints *with* a tokenizer, so
+``engine.builder`` loads them exactly as it loads real checkpoints, and
+``FakeDrafter``/``FakeVerifier`` do no compute at all, so a round over actors that
+hold them costs pure control overhead.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from specfleet.core.types import DraftProposal, FinishReason, VerifyResult
+from specfleet.drafters.base import Drafter
+
+TINY_VOCAB = 97
+EOS_ID = 0
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": EOS_ID, **{f"t{i}": i for i in range(1, TINY_VOCAB)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="t1"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="t1")
+
+
+def write_tiny_model(path: str | Path, seed: int, layers: int = 2, hidden: int = 32):
+    """Save a random tiny Llama (and the shared tokenizer) as an HF checkpoint directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, eos_token_id=EOS_ID, bos_token_id=None, pad_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return model
+
+
+def write_tiny_models(root: str | Path) -> dict[str, Path]:
+    """A target, a drafter that *is* the target (always accepted) and a random drafter."""
+    root = Path(root)
+    paths = {"target": root / "target", "self": root / "self", "random": root / "random"}
+    write_tiny_model(paths["target"], seed=0)
+    write_tiny_model(paths["self"], seed=0)
+    write_tiny_model(paths["random"], seed=7, layers=1)
+    return paths
+
+
+def tiny_config_dict(models: dict[str, Path], *, resources: dict | None = None) -> dict:
+    """A complete config over ``write_tiny_models`` output: two model drafters, n-gram, suffix.
+
+    ``resources`` (optional) maps a drafter name or ``"verifier"`` to a resources block.
+    """
+    resources = resources or {}
+    small = {"num_cpus": 0.25}
+
+    def res(name):
+        return resources.get(name, small)
+
+    return {
+        "models": {"target": str(models["target"])},
+        "drafters": [
+            {"name": "self", "kind": "model", "model": str(models["self"]), "resources": res("self")},
+            {"name": "random", "kind": "model", "model": str(models["random"]), "resources": res("random")},
+            {"name": "ngram", "kind": "ngram", "resources": res("ngram")},
+        ],
+        "verifier": {"max_batch_size": 4, "max_seq_len": 256, "resources": res("verifier")},
+        "router": {"policy": "fixed", "default_drafter": "self"},
+        "scheduler": {"draft_length": 4, "max_draft_length": 6, "adaptive": False},
+        "server": {"port": 0},
+        "cluster": {"num_cpus": 2},
+    }
+
+
+def write_config(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---- no-compute fakes: a round over them is pure control overhead --------------------------
+class FakeDrafter(Drafter):
+    """Proposes ``num_draft_tokens`` copies of token 1; keeps no state."""
+
+    name = "fake"
+
+    def propose(self, requests):
+        return [
+            DraftProposal(r.request_id, [1] * r.num_draft_tokens,
+                          DraftProposal.chain_parents(r.num_draft_tokens),
+                          [1.0] * r.num_draft_tokens, None, self.name)
+            for r in requests
+        ]
+
+    def rollback(self, request_id, length):
+        pass
+
+    def release(self, request_id):
+        pass
+
+
+class FakeVerifier:
+    """The Verifier API with an oracle that accepts every draft and emits token 1."""
+
+    def __init__(self):
+        self._requests: dict[str, tuple[list[int], int, int]] = {}  # tokens, prompt_len, max_new
+
+    def add_requests(self, requests):
+        for rid, prompt, sampling in requests:
+            self._requests[rid] = (list(prompt), len(prompt), sampling.max_new_tokens)
+
+    def verify(self, proposals):
+        results = []
+        for p in proposals:
+            tokens, plen, max_new = self._requests[p.request_id]
+            emitted = (list(p.tokens) + [1])[: max_new - (len(tokens) - plen)]
+            tokens.extend(emitted)
+            done = len(tokens) - plen >= max_new
+            results.append(VerifyResult(p.request_id, emitted, min(len(p), len(emitted)), len(p),
+                                        list(range(len(p))), FinishReason.LENGTH if done else None))
+        return results
+
+    def release(self, request_id):
+        self._requests.pop(request_id, None)
+
+    def has(self, request_id):
+        return request_id in self._requests
+
+    def tokens(self, request_id):
+        return list(self._requests[request_id][0])
+
+    @property
+    def active(self):
+        return list(self._requests)
+
+
+# ---- Ray token authentication for hermetic test clusters -----------------------------------
+def token_auth_env(directory: str | Path) -> dict[str, str]:
+    """Environment for a Ray cluster with token auth on, its token in ``directory``.
+
+    Ray >= 2.52 turns token auth on for new local clusters and keeps the token in
+    ~/.ray/auth_token, shared by every user of the machine. Tests bring their own
+    token instead: ``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN_PATH``, inherited by
+    every raylet, worker and subprocess they start.
+    """
+    import secrets
+
+    path = Path(directory) / "ray_auth_token"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+@contextmanager
+def token_auth(directory: str | Path):
+    """Run a block with ``token_auth_env`` applied to this process (and its children).
+
+    Ray caches the auth mode and token per process (RayConfig and the C++ token
+    loader); changing the environment alone leaves a driver that sends no token to
+    a GCS that wants one, so both caches are refreshed on entry and exit (the
+    refresh is what Ray's own tests do). Shut Ray down inside the block.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(token_auth_env(directory))
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()

@@ -1,0 +1,151 @@
+"""The Ray runtime is the in-process engine over actors: exact output, streaming
+through ``RayBackend``, and no request lost when a drafter or the verifier dies.
+
+One embedded Ray and one deployment (tiny random Llama checkpoints written to a
+temp dir, token auth on with a test-owned token) serve the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from specfleet.cluster.testing import tiny_config_dict, token_auth, write_config, write_tiny_models
+from specfleet.core.config import load_config
+from specfleet.core.types import FinishReason, SamplingParams
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray")
+torch.set_num_threads(1)
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13, 14, 15], [40]]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def expected(models):
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(models["target"]).eval()
+
+    def greedy(prompt, n=N):
+        with torch.no_grad():
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=0, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    return greedy
+
+
+@pytest.fixture(scope="module")
+def runtime(models, tmp_path_factory):
+    from specfleet.cluster.runtime import RayRuntime
+
+    tmp = tmp_path_factory.mktemp("ray")
+    cfg = load_config(write_config(tmp / "cfg.yaml", tiny_config_dict(models)))
+    with token_auth(tmp):
+        rt = RayRuntime.start(cfg)
+        try:
+            yield rt
+        finally:
+            rt.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+@pytest.mark.parametrize("drafter", ["self", "random", "ngram", None])
+def test_greedy_equals_target_generate(runtime, expected, drafter):
+    outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter=drafter)
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    if drafter == "self":  # the target as drafter is always accepted, across actors too
+        assert all(o.stats.acceptance_rate == 1.0 and o.stats.accepted > 0 for o in outs)
+
+
+def test_mixed_drafters_in_one_round_run_concurrently(runtime, expected):
+    engine = runtime.engine
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=N), drafter=d)
+           for p, d in zip(PROMPTS, ["self", "random", "ngram", "self"])]
+    done = {}
+    while engine.has_work:
+        done.update((o.request_id, o) for o in engine.step())
+    assert [done[i].token_ids for i in ids] == [expected(p) for p in PROMPTS]
+    timing = engine.timings[-1]
+    assert timing.wall_ns >= timing.draft_compute_ns + timing.verify_compute_ns > 0
+
+
+def test_actors_hold_nothing_after_requests_finish(runtime):
+    runtime.engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4), drafter="self")
+    assert ray.get(runtime.verifier.actor.active.remote()) == []
+    assert runtime.verifier.active == []
+
+
+def test_backend_streams_exact_tokens(runtime, expected):
+    from specfleet.router.backend import GenerationRequest
+
+    backend = runtime.backend()
+
+    async def run(i, prompt):
+        tokens, last = [], None
+        async for chunk in backend.stream(GenerationRequest(f"s{i}", prompt, SamplingParams(max_new_tokens=N))):
+            tokens += chunk.token_ids
+            last = chunk
+        return tokens, last
+
+    async def main():
+        try:
+            return await asyncio.gather(*(run(i, p) for i, p in enumerate(PROMPTS)))
+        finally:
+            # close() would shut the shared runtime down: stop only the engine thread.
+            backend._closed.set()
+            backend._inbox.put(("stop", None))
+            await asyncio.to_thread(backend._thread.join, 30)
+
+    results = asyncio.run(main())
+    assert [t for t, _ in results] == [expected(p) for p in PROMPTS]
+    assert all(last.finish_reason == FinishReason.LENGTH and last.stats["rounds"] > 0 for _, last in results)
+    assert backend.info().vocab_size == 97
+
+
+def _run_killing(runtime, kill, drafter="self", rounds_before=2):
+    engine = runtime.engine
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=N), drafter=drafter) for p in PROMPTS]
+    done = {}
+    for _ in range(rounds_before):
+        done.update((o.request_id, o) for o in engine.step())
+    kill()
+    while engine.has_work:
+        done.update((o.request_id, o) for o in engine.step())
+    return [done[i] for i in ids]
+
+
+def test_drafter_death_loses_nothing_and_restarts(runtime, expected):
+    handle = runtime.drafters["self"]
+    before = handle.restarts
+    outs = _run_killing(runtime, lambda: ray.kill(handle.actor, no_restart=True))
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert handle.restarts == before + 1
+    deadline = time.monotonic() + 120
+    while not handle._ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert handle.alive
+    # The restarted drafter re-learns each request whole and is accepted again.
+    outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="self")
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert all(o.stats.acceptance_rate == 1.0 for o in outs)
+
+
+def test_verifier_death_resumes_from_committed_tokens(runtime, expected):
+    handle = runtime.verifier
+    before, old = handle.restarts, handle.actor
+    outs = _run_killing(runtime, lambda: ray.kill(handle.actor, no_restart=True), drafter="random")
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert all(o.finish_reason == FinishReason.LENGTH for o in outs)
+    assert handle.restarts == before + 1 and handle.actor != old
