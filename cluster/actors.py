@@ -62,15 +62,16 @@ class DrafterFactory:
 
 @dataclass(frozen=True)
 class VerifierFactory:
-    """Builds the target's verifier exactly as the in-process engine would."""
+    """Builds the target's verifier exactly as the in-process engine would.
+
+    With ``tp_size > 1`` that is a ``TPVerifierGroup``: this actor is rank 0 and
+    spawns ranks 1..n-1 as its own worker processes. STRICT_PACK has reserved their
+    bundles on this same node, which is where child processes run.
+    """
 
     cfg: SpecFleetConfig
 
     def __call__(self):
-        if self.cfg.verifier.tp_size > 1:
-            # The TP group (verifiers/tensor_parallel.py) is another module's; until
-            # it offers a builder the runtime only reserves its bundles.
-            raise NotImplementedError("tensor-parallel verifier groups are not wired into the Ray runtime yet")
         from specfleet.engine.builder import build_verifier
 
         return build_verifier(self.cfg)
