@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
 from tqdm import tqdm
 
 from specfleet.core.types import SamplingParams
@@ -87,6 +88,8 @@ class EngineBench:
 
         self.s = settings
         torch.set_num_threads(settings.threads)
+        # HF warns about every generate() call that passes both a config and kwargs.
+        transformers.logging.set_verbosity_error()
         zoo = f"zoo:{settings.zoo}"
         self.target_hf = load_causal_lm(f"{zoo}/{settings.target}")
         self.tokenizer = load_tokenizer(f"{zoo}/{settings.target}")
@@ -148,6 +151,7 @@ class EngineBench:
         Repetitions are interleaved (run 1 of every method, then run 2, ...) so that
         drift in machine load does not favour whichever method ran first."""
         s = self.s
+        self._warm_up()
         samples: dict[tuple[str, str], dict[str, list]] = {}
         for _run in range(s.runs):
             for domain in DOMAINS:
@@ -183,6 +187,16 @@ class EngineBench:
                 "acceptance_rate": statistics.median(f["rate"]) if f["rate"] else None,
             }
         return results
+
+    def _warm_up(self) -> None:
+        """One untimed short generation per method: first calls pay for lazy
+        initialisation (allocator, kernels, HF's generation set-up), not decoding."""
+        prompt = self.prompts[DOMAINS[0]][0]
+        for method, arg in self._methods(DOMAINS[0]).items():
+            if method.startswith("hf"):
+                self._timed_hf(prompt, self.drafter_hf[arg] if arg else None)
+            else:
+                self._timed_ours(self._engine(self.s.draft_length), prompt, arg)
 
     def _methods(self, domain: str) -> dict[str, str | None]:
         """method name → drafter (ours) or assistant (HF) for a domain's prompts."""
