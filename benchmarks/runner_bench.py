@@ -46,6 +46,25 @@ def bench(shape: dict, context: int = 96, steps: int = 15) -> dict:
     return {"hf_ms": 1e3 * statistics.median(hf), "ours_ms": 1e3 * statistics.median(ours)}
 
 
+def verify_cost(shape: dict, context: int = 96, repeats: int = 7) -> dict[int, float]:
+    """Forward time (ms) by number of tokens fed: what a verify step of γ+1 tokens costs."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, max_position_embeddings=512, **shape)).eval()
+    runner = LlamaRunner(model, max_slots=1, max_seq_len=context + 16)
+    runner.allocate("r")
+    runner.forward([ForwardItem("r", list(range(1, context + 1)), logit_rows=[])])
+    costs = {}
+    for n in (1, 2, 3, 5, 7, 9):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.forward([ForwardItem("r", list(range(5, 5 + n)))])
+            times.append(time.perf_counter() - start)
+            runner.truncate("r", context)
+        costs[n] = 1e3 * statistics.median(times)
+    return costs
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print("| model shape | HF decode step (ms) | LlamaRunner decode step (ms) | ratio |")
@@ -53,6 +72,11 @@ def main() -> None:
     for name, shape in SHAPES.items():
         r = bench(shape)
         print(f"| {name} | {r['hf_ms']:.2f} | {r['ours_ms']:.2f} | {r['hf_ms'] / r['ours_ms']:.2f}x |")
+    costs = verify_cost(SHAPES["target-xl (h768 x24)"])
+    print("\ntarget-xl forward time by tokens fed (a verify step of γ+1 tokens):")
+    print("| tokens | " + " | ".join(str(n) for n in costs) + " |")
+    print("|---|" + "---|" * len(costs))
+    print("| ms | " + " | ".join(f"{ms:.1f}" for ms in costs.values()) + " |")
 
 
 if __name__ == "__main__":
