@@ -45,20 +45,23 @@ def parse_zoo_spec(spec: str) -> tuple[str, str] | None:
     from specfleet.zoo.presets import MODEL_NAMES, SIZES
 
     size, sep, name = spec[len(ZOO_PREFIX):].partition("/")
-    if not sep or size not in SIZES or name not in MODEL_NAMES:
+    names = (*MODEL_NAMES, "tokenizer")  # the shared tokenizer has its own directory
+    if not sep or size not in SIZES or name not in names:
         raise ValueError(
             f"{spec!r}: a zoo model is zoo:<size>/<name> with size one of {', '.join(SIZES)} "
-            f"and name one of {', '.join(MODEL_NAMES)}"
+            f"and name one of {', '.join(names)}"
         )
     return size, name
 
 
-def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bool = True) -> Path:
+def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bool = True,
+                       tokenizer_only: bool = False) -> Path:
     """The checkpoint directory ``spec`` names, building the zoo if it names a zoo model.
 
     ``config_key`` (e.g. ``"drafters[1].model"``) goes into every error message so a
     user can find the line of their config to fix. With ``build=False`` a zoo model
-    that is not built yet is an error instead of a multi-minute build.
+    that is not built yet is an error instead of a multi-minute build. With
+    ``tokenizer_only`` a directory holding just a tokenizer is enough.
     """
     text = str(spec)
     try:
@@ -85,7 +88,10 @@ def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bo
         path = Path(text).expanduser()
     if not path.is_dir():
         raise ModelPathError(f"{config_key}: model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
+    if tokenizer_only:
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ModelPathError(f"{config_key}: {str(path)!r} holds no tokenizer")
+    elif not (path / "config.json").is_file():
         raise ModelPathError(
             f"{config_key}: {str(path)!r} is not a Hugging Face checkpoint (no config.json)"
         )
@@ -110,7 +116,7 @@ def load_tokenizer(spec: str | Path, *, config_key: str = "tokenizer") -> PreTra
     """The tokenizer saved with a checkpoint (local directory or zoo spec)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(spec, config_key=config_key)
+    path = resolve_model_path(spec, config_key=config_key, tokenizer_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

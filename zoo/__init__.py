@@ -23,7 +23,8 @@ from specfleet.zoo.presets import (
 if TYPE_CHECKING:
     from specfleet.zoo.build import build_zoo
 
-__all__ = ["DOMAINS", "MODEL_NAMES", "SIZES", "build_zoo", "default_cache_root", "read_manifest", "zoo_dir"]
+__all__ = ["DOMAINS", "MODEL_NAMES", "SIZES", "build_zoo", "default_cache_root", "read_manifest",
+           "zoo_dir"]
 
 
 def __getattr__(name: str):

@@ -32,14 +32,21 @@ def _common(parser: argparse.ArgumentParser, size_required: bool = True) -> None
                         help="tiny: tests, under a minute; small: demo and benchmarks"
                         + ("" if size_required else " (default: every built size)"))
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="cache root (default: $XDG_CACHE_HOME/specfleet/zoo or ~/.cache/specfleet/zoo)")
+                        help="cache root (default: $XDG_CACHE_HOME/specfleet/zoo, "
+                        "else ~/.cache/specfleet/zoo)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
 
 
 def _build(args) -> int:
-    from specfleet.zoo.build import build_zoo
+    from specfleet.zoo.presets import read_manifest, zoo_dir
 
-    print(build_zoo(args.size, out_dir=args.out, seed=args.seed, progress=not args.no_progress))
+    directory = zoo_dir(args.size, args.seed, args.out)
+    if read_manifest(directory) is None:  # checked first: a cache hit need not import torch
+        from specfleet.zoo.build import build_zoo
+
+        directory = build_zoo(args.size, out_dir=args.out, seed=args.seed,
+                              progress=not args.no_progress)
+    print(directory)
     return 0
 
 
@@ -92,7 +99,8 @@ def _num(x, fmt: str) -> str:
 def format_manifest(m: dict, directory) -> str:
     """A zoo manifest as plain-text tables (what ``specfleet zoo info`` prints)."""
     domains = m["domains"]
-    out = [f"zoo {m['size']} (seed {m['seed']}, settings {m.get('settings_hash', '?')}): {directory}",
+    settings = m.get("settings_hash", "?")
+    out = [f"zoo {m['size']} (seed {m['seed']}, settings {settings}): {directory}",
            f"built {m['created_utc']} in {m['build_wall_s']:.0f} s "
            f"(python {m['environment']['python']}, torch {m['environment']['torch']})", ""]
     cost = m["cost"]
@@ -112,8 +120,9 @@ def format_manifest(m: dict, directory) -> str:
     window = m["recipe"]["evaluation"]["window"]
     rows = []
     for name, per in m["acceptance"].items():
-        rows.append([name, *[f"{per[d]['greedy_acceptance']:.3f} / {per[d][f'mean_accepted_w{window}']:.2f}"
-                             for d in domains],
+        cells = [f"{per[d]['greedy_acceptance']:.3f} / {per[d][f'mean_accepted_w{window}']:.2f}"
+                 for d in domains]
+        rows.append([name, *cells,
                      f"{cost['c_vs_target'][name]:.3f}", f"{cost['c_vs_target_xl'][name]:.4f}"])
     out.append(_table(["drafter", *[f"{d}: acc / w{window}" for d in domains],
                        "c (target)", "c (target-xl)"], rows))
@@ -121,5 +130,5 @@ def format_manifest(m: dict, directory) -> str:
     out.append("")
     out.append(f"target-xl vs target: greedy tokens identical = {check['greedy_tokens_identical']} "
                f"on {check['prompts']} prompts x {check['new_tokens_per_prompt']} tokens; "
-               f"max |logit diff| = {check['max_abs_logit_diff']:.3g}")
+               f"max |logit diff| on the prompts = {check['max_abs_logit_diff_on_prompts']:.3g}")
     return "\n".join(out)

@@ -38,7 +38,8 @@ def heldout_loss(model: PreTrainedModel, stream: torch.Tensor, windows: int, seq
     total = 0.0
     for chunk in batch.split(16):
         logits = model(input_ids=chunk[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
     return total / (batch.shape[0] * seq_len)
 
 

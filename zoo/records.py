@@ -66,7 +66,8 @@ def _user(rng: random.Random) -> str:
 def _ip(rng: random.Random) -> str:
     if rng.random() < 0.5:
         return f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-    return f"{rng.randrange(11, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    first = rng.randrange(11, 223)
+    return f"{first}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
 
 
 def _json_events(rng: random.Random, n: int) -> str:
@@ -141,7 +142,8 @@ def _access_log(rng: random.Random, n: int) -> str:
         ts += timedelta(milliseconds=rng.randrange(5, 20_000))
         path = rng.choice(_PATHS).format(id=rng.randrange(1, 50000), word=rng.choice(_WORDS),
                                          hash=f"{rng.getrandbits(32):08x}")
-        method = "POST" if path in ("/login", "/api/v1/orders", "/checkout") and rng.random() < 0.7 else "GET"
+        writes = path in ("/login", "/api/v1/orders", "/checkout")
+        method = "POST" if writes and rng.random() < 0.7 else "GET"
         status = rng.choices([200, 201, 204, 301, 304, 400, 401, 403, 404, 500, 502],
                              weights=[70, 4, 2, 2, 8, 3, 2, 1, 5, 2, 1])[0]
         size = 0 if status in (204, 304) else int(rng.lognormvariate(7.5, 1.2))

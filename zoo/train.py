@@ -70,14 +70,16 @@ def new_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return model
 
 
-def init_from_target(drafter: LlamaForCausalLM, target: LlamaForCausalLM, layers: tuple[int, ...]) -> None:
+def init_from_target(drafter: LlamaForCausalLM, target: LlamaForCausalLM,
+                     layers: tuple[int, ...]) -> None:
     """Layer dropping: the drafter starts as the target with only ``layers`` kept.
 
     Embeddings and the output head carry most of what a small LM knows about token
     statistics, so this start converges far faster than a random one.
     """
     if len(layers) != drafter.config.num_hidden_layers:
-        raise ValueError(f"drafter has {drafter.config.num_hidden_layers} layers, init names {layers}")
+        raise ValueError(
+            f"drafter has {drafter.config.num_hidden_layers} layers, init names {layers}")
     with torch.no_grad():
         drafter.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
         drafter.model.norm.weight.copy_(target.model.norm.weight)
@@ -135,7 +137,7 @@ def _lr(step: int, spec: Training) -> float:
 
 def train(model: LlamaForCausalLM, sampler: BatchSampler, spec: Training, *,
           desc: str, progress: bool) -> TrainStats:
-    """AdamW with warm-up/cosine, gradient clipping, bf16 autocast; leaves ``model`` in eval mode."""
+    """AdamW, warm-up then cosine, gradient clipping, bf16 autocast; ``model`` ends in eval mode."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

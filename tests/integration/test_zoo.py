@@ -25,8 +25,10 @@ def manifest(tiny_zoo):
 def models(tiny_zoo):
     from transformers import AutoModelForCausalLM
 
-    return {name: AutoModelForCausalLM.from_pretrained(tiny_zoo / name, local_files_only=True).eval()
-            for name in MODEL_NAMES}
+    return {
+        name: AutoModelForCausalLM.from_pretrained(tiny_zoo / name, local_files_only=True).eval()
+        for name in MODEL_NAMES
+    }
 
 
 def test_every_checkpoint_loads_with_plain_transformers(tiny_zoo, models):
@@ -47,7 +49,7 @@ def test_all_models_share_the_vocabulary(tiny_zoo):
     target = load_tokenizer(tiny_zoo / "target")
     for name in MODEL_NAMES:
         check_same_vocabulary(target, tiny_zoo / name, name)
-    assert load_tokenizer(tiny_zoo / "tokenizer").get_vocab() == target.get_vocab()
+    assert load_tokenizer("zoo:tiny/tokenizer").get_vocab() == target.get_vocab()
 
 
 def test_manifest_figures_are_present_and_plausible(tiny_zoo, manifest, models):
@@ -65,8 +67,11 @@ def test_manifest_figures_are_present_and_plausible(tiny_zoo, manifest, models):
     for name in ("target", *DRAFTERS):
         entry = manifest["models"][name]
         assert entry["train"]["steps"] > 0 and entry["train"]["wall_s"] > 0
-        for dom in DOMAINS:
-            assert 0 < entry["heldout_loss"][dom] < uniform  # learned something
+        assert all(entry["heldout_loss"][dom] > 0 for dom in DOMAINS)
+        # Better than uniform where it was trained (specialists never saw other domains).
+        trained_on = DOMAINS if entry["domain"] == "general" else (entry["domain"],)
+        for dom in trained_on:
+            assert entry["heldout_loss"][dom] < uniform, (name, dom)
     for name in DRAFTERS:
         for dom in DOMAINS:
             figures = manifest["acceptance"][name][dom]
@@ -121,6 +126,8 @@ def test_cli_path_and_info(tiny_zoo, capsys):
     from specfleet.core.cli import main
 
     assert main(["zoo", "path", "--size", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_zoo)
+    assert main(["zoo", "build", "--size", "tiny"]) == 0  # a cache hit
     assert capsys.readouterr().out.strip() == str(tiny_zoo)
     assert main(["zoo", "info", "--size", "tiny"]) == 0
     out = capsys.readouterr().out

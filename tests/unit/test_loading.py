@@ -1,4 +1,4 @@
-"""Model loading: zoo specs parse, bad paths name their config key, foreign vocabularies are refused.
+"""Model loading: zoo specs parse, bad paths name their config key, foreign vocabularies refused.
 
 Tiny random Llama checkpoints written to tmp_path; the zoo is never built here.
 """
@@ -55,11 +55,13 @@ def target_dir(tmp_path_factory) -> Path:
 def test_parse_zoo_spec():
     assert parse_zoo_spec("zoo:small/drafter-code") == ("small", "drafter-code")
     assert parse_zoo_spec("zoo:tiny/target-xl") == ("tiny", "target-xl")
+    assert parse_zoo_spec("zoo:tiny/tokenizer") == ("tiny", "tokenizer")
     assert parse_zoo_spec("/models/llama") is None
     assert parse_zoo_spec("zoo-like/dir") is None
 
 
-@pytest.mark.parametrize("spec", ["zoo:huge/target", "zoo:small", "zoo:small/drafter-music", "zoo:/target"])
+@pytest.mark.parametrize(
+    "spec", ["zoo:huge/target", "zoo:small", "zoo:small/drafter-music", "zoo:/target"])
 def test_malformed_zoo_spec_names_key(spec):
     with pytest.raises(ModelPathError, match=r"drafters\[2\]\.model: .*zoo:<size>/<name>"):
         resolve_model_path(spec, config_key="drafters[2].model")
@@ -80,8 +82,18 @@ def test_directory_without_config_is_refused(tmp_path):
 
 def test_unbuilt_zoo_without_build_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(ModelPathError, match="models.target: .*not built.*specfleet zoo build --size small"):
+    expected = "models.target: .*not built.*specfleet zoo build --size small"
+    with pytest.raises(ModelPathError, match=expected):
         resolve_model_path("zoo:small/target", config_key="models.target", build=False)
+
+
+def test_tokenizer_only_directory(target_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(target_dir).save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").get_vocab() == load_tokenizer(target_dir).get_vocab()
+    with pytest.raises(ModelPathError, match="models.tokenizer: .*holds no tokenizer"):
+        load_tokenizer(tmp_path, config_key="models.tokenizer")
 
 
 def test_load_local_checkpoint(target_dir):
