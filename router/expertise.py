@@ -28,13 +28,14 @@ from dataclasses import dataclass
 DOMAINS = ("code", "data", "prose")
 
 _CODE_CUES = re.compile(
-    r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|for .* in .*:$|@\w+)|"
-    r"[=!]=|\bself\.|\(\)|:\s*$",
+    r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|for .* in .*:$|@\w+|#|\"\"\")|"
+    r"[=!]=|\bself\.|\(\)|:\s*$|^\s*\w+(\.\w+)*\s*=\s*\S|__\w+__",
     re.MULTILINE,
 )
 _DATA_CUES = re.compile(
     r'"\w+"\s*:|^\s*[\w.-]+(,[\w .:/-]*){3,}$|\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|'
-    r"\b(INFO|WARN|WARNING|ERROR|DEBUG)\b|^\s*[{\[]",
+    r"\b(INFO|WARN|WARNING|ERROR|DEBUG)\b|^\s*[{\[]|"
+    r"\b\d{1,3}(\.\d{1,3}){3}\b|\[\d{2}/\w{3}/\d{4}:|\b(GET|POST|PUT|DELETE) /",
     re.MULTILINE,
 )
 

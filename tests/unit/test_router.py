@@ -13,11 +13,16 @@ CODE = "def parse(self, text):\n    if not text:\n        return None\n    for l
 DATA = '{"user": "ana", "id": 42, "ts": "2024-05-01T10:00:00"}\n{"user": "bo", "id": 7}\n'
 LOG = "2024-05-01 10:00:01 INFO server started\n2024-05-01 10:00:02 ERROR disk full\n"
 CSV = "id,name,city,amount,date\n1,ana,Lisbon,3.50,2024-01-02\n2,bo,Porto,7.25,2024-01-03\n"
+ACCESS_LOG = ('10.54.9.30 - - [16/Sep/2023:09:41:39 +0000] "GET /health HTTP/1.1" 200 3644 "-"\n'
+              '10.74.10.36 - - [16/May/2024:03:35:36 +0000] "GET /api/v1/orders/310 HTTP/1.1" 200')
+MODULE_HEADER = ('#!/usr/bin/env python3\n\n"""Python interface for the profiler.\n'
+                 '   Compatible with the profile module.\n"""\n\n__all__ = ["run", "Profile"]\n')
 PROSE = "The interpreter reads the file and evaluates each statement in order. Names are bound."
 
 
 @pytest.mark.parametrize("text,domain", [(CODE, "code"), (DATA, "data"), (LOG, "data"),
-                                         (CSV, "data"), (PROSE, "prose")])
+                                         (CSV, "data"), (PROSE, "prose"),
+                                         (ACCESS_LOG, "data"), (MODULE_HEADER, "code")])
 def test_classify_domain(text, domain):
     assert classify_domain(text) == domain
 
