@@ -89,6 +89,9 @@ def build_engine(cfg: SpecFleetConfig):
     from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
     from specfleet.engine.engine import SpecEngine
 
+    if cfg.verifier.count > 1:
+        logger.warning("verifier.count=%d: the in-process engine drives one verifier group",
+                       cfg.verifier.count)
     verifier = build_verifier(cfg)
     drafters = {
         d.name: build_drafter(
