@@ -3,34 +3,7 @@
 Imports only grpc and the generated stubs — never torch, Ray or transformers.
 """
 
-from specfleet.proto.client import (
-    AsyncClient,
-    Client,
-    DrafterInfo,
-    GenerationResult,
-    Limits,
-    RetryPolicy,
-    ServerInfo,
-    SpecFleetError,
-    SpeculationStats,
-    StreamChunk,
-    Timings,
-    Usage,
-    VerifierGroupInfo,
-)
+from specfleet.proto import client as _sdk
+from specfleet.proto.client import *  # noqa: F403 - the SDK's public names, listed once there
 
-__all__ = [
-    "AsyncClient",
-    "Client",
-    "DrafterInfo",
-    "GenerationResult",
-    "Limits",
-    "RetryPolicy",
-    "ServerInfo",
-    "SpecFleetError",
-    "SpeculationStats",
-    "StreamChunk",
-    "Timings",
-    "Usage",
-    "VerifierGroupInfo",
-]
+__all__ = list(_sdk.__all__)
