@@ -11,8 +11,11 @@ hold them costs pure control overhead.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Empty, Queue
 
 import yaml
 
@@ -194,3 +197,34 @@ def token_auth(directory: str | Path):
                 os.environ[key] = value
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
+
+def read_until(proc, marker: str, timeout: float) -> list[str]:
+    """Lines of ``proc.stdout`` up to the one containing ``marker``.
+
+    A reader thread, not select(): select() on the pipe misses lines that an earlier
+    readline() already pulled into the text wrapper's buffer, and would then wait out
+    the timeout with the marker sitting in memory."""
+    lines: list[str] = []
+    queue: Queue = Queue()
+
+    def pump():
+        for line in proc.stdout:
+            queue.put(line)
+            if marker in line:
+                return
+        queue.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = queue.get(timeout=1)
+        except Empty:
+            continue
+        if line is None:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} not seen; output:\n{''.join(lines)}")

@@ -4,16 +4,15 @@ a free port, answer exactly, and release everything on SIGTERM."""
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from specfleet.cluster.testing import (
+    read_until,
     tiny_config_dict,
     token_auth_env,
     write_config,
@@ -21,24 +20,6 @@ from specfleet.cluster.testing import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def _read_until(proc, marker: str, timeout: float) -> list[str]:
-    lines, sel = [], selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=1):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"{marker!r} not seen; output:\n{''.join(lines)}")
 
 
 def test_serve_subprocess_answers_and_drains_on_sigterm(tmp_path):
@@ -56,7 +37,7 @@ def test_serve_subprocess_answers_and_drains_on_sigterm(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        lines = _read_until(proc, "serving on", timeout=240)
+        lines = read_until(proc, "serving on", timeout=240)
         address = lines[-1].rsplit("serving on", 1)[1].strip()
         log = "".join(lines)
         assert "placed verifier 'verifier-0' on node" in log and "placed drafter 'ngram'" in log

@@ -23,7 +23,6 @@ import getpass
 import hashlib
 import json
 import os
-import selectors
 import shutil
 import signal
 import subprocess
@@ -75,24 +74,6 @@ def _ray(*args: str, timeout: float) -> subprocess.CompletedProcess:
 def _ray_status(port: int, auth: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, "status", "--address", f"{HEAD}:{port}"], env=_env(**auth),
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-
-
-def _read_until(proc, marker: str, timeout: float) -> list[str]:
-    lines, sel = [], selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=1):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"{marker!r} not seen; output:\n{''.join(lines)}")
 
 
 def _cmdlines() -> dict[int, str]:
@@ -183,6 +164,7 @@ def test_ray_up_deploys_specfleet_then_ray_down_leaves_nothing(loopback):
     from specfleet.client import Client
     from specfleet.cluster.ssh_loopback import free_port
     from specfleet.cluster.testing import (
+        read_until,
         tiny_config_dict,
         token_auth_env,
         write_config,
@@ -221,7 +203,7 @@ def test_ray_up_deploys_specfleet_then_ray_down_leaves_nothing(loopback):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**token),
         )
         try:
-            lines = _read_until(serve, "serving on", timeout=300)
+            lines = read_until(serve, "serving on", timeout=300)
         except AssertionError as exc:
             monitor = sorted((root / "ray").glob("session_*/logs/monitor.*"))
             tails = "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in monitor)
