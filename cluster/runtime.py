@@ -280,18 +280,12 @@ class RayBackend(EngineBackend):
         """Start or join Ray, deploy ``cfg``, and route like ``EngineBackend.from_config``."""
         runtime = RayRuntime.start(cfg, address, **kwargs)
         try:
-            router = None
-            if cfg.router.policy == "expertise":
-                from specfleet.models.loading import load_tokenizer
-                from specfleet.router.expertise import DrafterProfile, ExpertiseRouter
+            from specfleet.models.loading import load_tokenizer
+            from specfleet.router.expertise import router_from_config
 
-                # Routing reads request text in this process; the tokenizer is all it needs.
-                tok = load_tokenizer(cfg.models.tokenizer or cfg.models.target, config_key="models.tokenizer")
-                router = ExpertiseRouter(
-                    [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
-                    exploration=cfg.router.exploration,
-                    decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
-                )
+            # Routing reads request text in this process; the tokenizer is all it needs.
+            tok = load_tokenizer(cfg.models.tokenizer or cfg.models.target, config_key="models.tokenizer")
+            router = router_from_config(cfg, lambda ids: tok.decode(ids, skip_special_tokens=False))
             return cls(runtime, router=router)
         except BaseException:
             runtime.shutdown()

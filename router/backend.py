@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from specfleet.core.types import FinishReason, SamplingParams
-from specfleet.router.expertise import DrafterProfile, ExpertiseRouter
+from specfleet.router.expertise import ExpertiseRouter, router_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,7 @@ class EngineBackend:
             ] * cfg.verifier.count,
         )
         default = cfg.router.default_drafter or cfg.drafters[0].name
-        router = None
-        if cfg.router.policy == "expertise":
-            router = ExpertiseRouter(
-                [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
-                exploration=cfg.router.exploration,
-                decode=engine.verifier.decode,
-            )
+        router = router_from_config(cfg, engine.verifier.decode)
         return cls(engine, info, default_drafter=default, router=router)
 
     def info(self) -> BackendInfo:

@@ -70,10 +70,18 @@ async def _run(cfg, args) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def take_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    take_signals()
     # Deploying loads every model (in its actor): seconds to minutes, off the event loop.
     backend = await asyncio.to_thread(make_backend, cfg, args.backend, args.address)
+    # ray.init installs Ray's C++ failure-signal handler for SIGTERM, which dumps a
+    # stack and then dies by the default action (exit 143, actors left behind). Take
+    # the signals back so SIGTERM drains and releases everything.
+    take_signals()
     runtime = getattr(backend, "runtime", None)  # the Ray backend logged its placements
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg)

@@ -116,3 +116,14 @@ class ExpertiseRouter:
     def table(self) -> dict[str, dict[str, float]]:
         """domain → drafter → current score (observed or prior), for logs and ``Info``."""
         return {dom: {d.name: self.score(dom, d.name) for d in self.drafters} for dom in DOMAINS}
+
+
+def router_from_config(cfg, decode: Callable[[list[int]], str]) -> ExpertiseRouter | None:
+    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter)."""
+    if cfg.router.policy != "expertise":
+        return None
+    return ExpertiseRouter(
+        [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
+        exploration=cfg.router.exploration,
+        decode=decode,
+    )
