@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -187,9 +186,4 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def help_text(cls: type) -> dict[str, str]:
-    """Field name → help, for docs and ``--help`` epilogues."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
-__all__ = ["ConfigError", "load_yaml_file", "from_mapping", "to_plain", "help_text", "typing"]
+__all__ = ["ConfigError", "load_yaml_file", "from_mapping", "to_plain"]

@@ -92,8 +92,7 @@ class DraftProposal:
     # distribution that node i was drawn from. None means every node is deterministic
     # (one-hot q); an all-NaN row marks one deterministic node in a mixed (fused) tree.
     draft_probs: np.ndarray | None = None
-    drafter: str = ""  # which drafter produced it (stats, per-node for fused trees below)
-    node_drafters: list[str] | None = None  # per node, when several drafters were fused
+    drafter: str = ""  # which drafter produced it (stats)
 
     def __len__(self) -> int:
         return len(self.tokens)
