@@ -146,6 +146,7 @@ class VerifierActor:
         self.verifier = factory()
         self.load_s = time.perf_counter() - start
         self.incarnation = uuid.uuid4().hex
+        self._last_round: tuple[int | None, bytes | None] = (None, None)
 
     def ping(self) -> dict[str, Any]:
         runner = getattr(self.verifier, "runner", None)
@@ -161,13 +162,37 @@ class VerifierActor:
         self._release(releases)
         self.verifier.add_requests(requests)
 
-    def verify(self, payload: bytes) -> bytes:
-        """``pickle((proposals, releases))`` → ``pickle((results, compute_ns))``."""
+    def verify(self, payload: bytes, *drafter_replies: bytes) -> bytes:
+        """``pickle((request_ids, proposals, releases, round_id))`` plus the raw replies
+        of this round's drafter calls → ``pickle((results, compute_ns, drafts))``.
+
+        The driver passes each drafter call's ObjectRef straight through as an
+        argument, so proposals go drafter → verifier without the driver waiting for,
+        unpickling and re-sending them (one driver round trip less per round). Ray
+        resolves the refs before this runs; if a drafter call failed, this method
+        never runs and the handle falls back (``VerifierHandle.verify_chained``).
+        ``proposals`` holds the requests no drafter served; each reply may also
+        cover requests of other verifier groups, which are ignored here. ``drafts``
+        is ``(compute_ns, longest proposal)`` per reply, for timing and the policy.
+        The reply is kept under ``round_id`` until the next round (``last_round``).
+        """
         start = time.perf_counter_ns()
-        proposals, releases = pickle.loads(payload)
+        request_ids, proposals, releases, round_id = pickle.loads(payload)
+        drafts = []
+        for reply in drafter_replies:
+            drafted, compute_ns = pickle.loads(reply)
+            proposals.update((p.request_id, p) for p in drafted)
+            drafts.append((compute_ns, max((len(p) for p in drafted), default=0)))
         self._release(releases)
-        results: list[VerifyResult] = self.verifier.verify(proposals)
-        return _dumps((results, time.perf_counter_ns() - start))
+        results: list[VerifyResult] = self.verifier.verify([proposals[rid] for rid in request_ids])
+        reply = _dumps((results, time.perf_counter_ns() - start, drafts))
+        self._last_round = (round_id, reply)
+        return reply
+
+    def last_round(self) -> tuple[int | None, bytes | None]:
+        """The id and reply of the last verified round: after a compiled round failed,
+        the handle asks whether it ran here (then its reply is the round's outcome)."""
+        return self._last_round
 
     def release(self, releases: Sequence[str]) -> None:
         self._release(releases)

@@ -52,6 +52,27 @@ def _dumps(obj) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _failed(ref) -> bool:
+    """True if a finished call's result is an error (never blocks: ``ref`` is ready)."""
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:
+        return True
+
+
+def _wait_quietly(ref, timeout_s: float = 10.0) -> None:
+    """Wait for a housekeeping call; a failed actor is dealt with on its next real call."""
+    import ray
+
+    try:
+        ray.get(ref, timeout=timeout_s)
+    except Exception:
+        logger.debug("housekeeping call failed", exc_info=True)
+
+
 def _kill(actor) -> None:
     import ray
 
@@ -86,6 +107,7 @@ class DrafterHandle(Drafter):
         self._seqs: dict[str, list[int]] = {}  # committed tokens sent, per request
         self._synced: set[str] = set()  # requests the current actor holds state for
         self._releases: list[str] = []
+        self._unconfirmed: list[str] = []  # releases sent in the last call
         self._observed: list[list[int]] = []
         self.learns = True  # until the actor says otherwise
         self.info: dict = {}
@@ -143,6 +165,10 @@ class DrafterHandle(Drafter):
             self._next_spawn = time.monotonic() + self.restart_backoff_s
             return False
 
+    def restart(self, why: str) -> None:
+        """Replace the actor (its requests continue unspeculated until it is back)."""
+        self._fail(why)
+
     def _fail(self, why: str) -> None:
         logger.warning("drafter %r lost (%s): its requests continue unspeculated; restarting it", self.name, why)
         _kill(self._actor)
@@ -167,12 +193,20 @@ class DrafterHandle(Drafter):
 
     def submit(self, requests: Sequence[DraftRequest]) -> _Pending:
         """Send the proposal call without waiting for it."""
+        payload = self.prepare(requests)
+        return _Pending(list(requests), None if payload is None else self._actor.propose.remote(payload))
+
+    def prepare(self, requests: Sequence[DraftRequest], *, always: bool = False) -> bytes | None:
+        """The ``propose`` payload for ``requests`` (only what the actor has not seen,
+        plus queued housekeeping), or None if the actor cannot take it now (the
+        requests then get empty proposals). With ``always`` an empty batch still
+        makes a payload: a compiled round calls every drafter in its graph."""
         for req in requests:
             seq = self._seqs.setdefault(req.request_id, [])
             del seq[req.position :]
             seq.extend(req.new_tokens)
-        if not requests or not self._ready():
-            return _Pending(list(requests), None)
+        if (not requests and not always) or not self._ready():
+            return None
         sent = []
         for req in requests:
             if req.request_id in self._synced:
@@ -181,9 +215,18 @@ class DrafterHandle(Drafter):
                 seq = self._seqs[req.request_id]
                 sent.append(DraftRequest(req.request_id, 0, list(seq), req.num_draft_tokens, req.sampling))
                 self._synced.add(req.request_id)
-        ref = self._actor.propose.remote(_dumps((sent, self._releases, self._observed)))
+        payload = _dumps((sent, self._releases, self._observed))
+        self._unconfirmed = self._releases
         self._releases, self._observed = [], []
-        return _Pending(list(requests), ref)
+        return payload
+
+    def resync(self) -> None:
+        """After a round whose outcome on this actor is unknown (a failed compiled
+        round): send every request whole next time and repeat the last releases
+        (both are idempotent on the actor)."""
+        self._synced.clear()
+        self._releases = self._unconfirmed + self._releases
+        self._unconfirmed = []
 
     def collect(self, pending: _Pending) -> list[DraftProposal]:
         """The proposals of a submitted call; empty ones if the drafter failed."""
@@ -204,6 +247,12 @@ class DrafterHandle(Drafter):
                         self._synced.discard(req.request_id)
                         self._releases.append(req.request_id)
         return [DraftProposal.empty(req.request_id, self.name) for req in pending.requests]
+
+    def abandon(self, pending: _Pending, why: str) -> None:
+        """Give up on a call that took too long: restart the drafter; ``collect``
+        then answers empty proposals for it."""
+        self._fail(why)
+        pending.ref = None
 
     def rollback(self, request_id: str, length: int) -> None:
         seq = self._seqs.get(request_id)
@@ -229,9 +278,11 @@ class DrafterHandle(Drafter):
             self.flush()
 
     def flush(self) -> None:
-        """Send queued releases/observations now (fire and forget)."""
+        """Send queued releases/observations now, and wait: a compiled round graph
+        runs ``propose`` on another thread of the actor, so nothing may still be
+        running here when the next round starts."""
         if self._alive and (self._releases or self._observed):
-            self._actor.housekeeping.remote(self._releases, self._observed)
+            _wait_quietly(self._actor.housekeeping.remote(self._releases, self._observed))
         self._releases, self._observed = [], []
 
 
@@ -262,6 +313,8 @@ class VerifierHandle:
         self.max_recoveries = max_recoveries  # per call: a crash loop must end in an error
         self._requests: dict[str, _Mirror] = {}
         self._releases: list[str] = []
+        self._in_flight: list[str] = []  # releases sent with the round in flight
+        self._round = 0  # id of the last round sent (see VerifierActor.last_round)
         self.info: dict = {}
         self.restarts = 0
         self.last_compute_ns = 0  # actor-side time of the last verify call
@@ -288,13 +341,122 @@ class VerifierHandle:
             self._requests[request_id] = _Mirror(len(prompt), list(prompt), sampling)
 
     def verify(self, proposals: Sequence[DraftProposal]) -> list[VerifyResult]:
-        reply = self._call(lambda a, rel: a.verify.remote(_dumps((list(proposals), rel))))
-        results, self.last_compute_ns = pickle.loads(reply)
+        results, _ = self.verify_chained([p.request_id for p in proposals], {p.request_id: p for p in proposals})
+        return results
+
+    def verify_chained(
+        self,
+        request_ids: Sequence[str],
+        proposals: dict[str, DraftProposal],
+        drafts: Sequence[tuple[DrafterHandle, _Pending]] = (),
+    ) -> tuple[list[VerifyResult], list[tuple[int, int]]]:
+        """Verify ``request_ids``; their proposals are in ``proposals`` or come from the
+        in-flight drafter calls ``drafts``, whose ObjectRefs go to the verifier actor
+        as arguments: the driver waits once per round, not once per hop.
+
+        Returns the results and ``(compute_ns, longest proposal)`` per drafter call.
+        If a drafter call failed or hung, the verify call never ran (Ray does not run
+        a task whose argument failed): each drafter handle then answers what it has
+        (empty proposals for the failed one, which it restarts) and the round is
+        verified plainly, so a lost drafter costs one round's speculation only.
+        """
+        merged = dict(proposals)
+        chained = []
+        for handle, pending in drafts:
+            if pending.ref is None:  # the drafter was not ready: nothing was drafted
+                merged.update((p.request_id, p) for p in handle.collect(pending))
+            else:
+                chained.append((handle, pending))
+        payload, _ = self.round_payload(request_ids, merged)
+        reply = self._await_chained(self._actor.verify.remote(payload, *[p.ref for _, p in chained]), chained)
+        if reply is None:
+            # The call did not run on a live verifier (its releases are re-queued), so
+            # the round is verified with whatever each drafter can answer.
+            infos = []
+            for handle, pending in chained:
+                got = handle.collect(pending)
+                merged.update((p.request_id, p) for p in got)
+                infos.append((handle.last_compute_ns, max((len(p) for p in got), default=0)))
+            ordered = {rid: merged[rid] for rid in request_ids}
+            results, _ = self.apply_reply(self._call(lambda a, rel: a.verify.remote(
+                _dumps((list(request_ids), ordered, rel, None)))))
+            return results, infos
+        for (handle, _), (compute_ns, _) in zip(chained, pickle.loads(reply)[2]):
+            handle.last_compute_ns = compute_ns
+        return self.apply_reply(reply)
+
+    def round_payload(self, request_ids: Sequence[str], proposals: dict[str, DraftProposal]) -> tuple[bytes, int]:
+        """The ``verify`` payload of a new round (queued releases ride along) and its id."""
+        self._round += 1
+        self._in_flight, self._releases = self._releases, []
+        return _dumps((list(request_ids), proposals, self._in_flight, self._round)), self._round
+
+    def apply_reply(self, reply: bytes) -> tuple[list[VerifyResult], list[tuple[int, int]]]:
+        """Commit a verify reply to the mirror; returns the results and drafter infos."""
+        results, self.last_compute_ns, infos = pickle.loads(reply)
+        self._in_flight = []
         for result in results:
             mirror = self._requests[result.request_id]
             mirror.tokens.extend(result.emitted)
             mirror.finished = result.finish_reason is not None
-        return results
+        return results, infos
+
+    def round_outcome(self, round_id: int, why: str) -> bytes | None:
+        """After a failed compiled round: the round's reply if the verifier ran it,
+        else None (its releases are re-queued; a lost verifier is recovered)."""
+        import ray
+
+        try:
+            ran_id, reply = ray.get(self._actor.last_round.remote(), timeout=self.call_timeout_s)
+        except _failure_types():
+            self.recover(why)
+            return None
+        if ran_id == round_id:
+            return reply
+        self._releases = self._in_flight + self._releases
+        self._in_flight = []
+        return None
+
+    def recover(self, why: str) -> None:
+        """Replace the verifier actor and resume every unfinished request (see ``_recover``)."""
+        self._in_flight = []
+        self._recover(why)
+
+    def _await_chained(self, ref, drafts: Sequence[tuple[DrafterHandle, _Pending]]):
+        """The chained call's reply, or None when it did not run on a live
+        verifier (a drafter failed or hung, or the verifier was lost and recovered)."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        draft_timeout = min((h.call_timeout_s for h, _ in drafts), default=0.0)
+        deadline = time.monotonic() + draft_timeout + self.call_timeout_s
+        refs = [p.ref for _, p in drafts]
+        # Wait first as long as a drafter may take (the common case needs no other
+        # call: a ray.wait per round costs ~0.05 ms); after that, the verifier's time.
+        timeout = draft_timeout if refs else self.call_timeout_s
+        while True:
+            try:
+                return ray.get(ref, timeout=timeout)
+            except Exception as exc:  # classified below: drafter, verifier, or a bug
+                error = exc
+            done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+            if any(r in done and _failed(r) for r in refs):
+                self._releases = self._in_flight + self._releases
+                return None  # an argument failed: the verify never ran
+            hung = [(h, p) for (h, p), r in zip(drafts, refs) if r not in done and p.ref is not None]
+            if hung and isinstance(error, GetTimeoutError):
+                for handle, pending in hung:
+                    # Killing it fails its ref, so the verify call fails too: unless it
+                    # answered just now, in which case the verify runs; the loop sees which.
+                    handle.abandon(pending, f"no answer in {handle.call_timeout_s:.0f}s")
+                continue
+            if isinstance(error, GetTimeoutError) and time.monotonic() < deadline:
+                timeout = deadline - time.monotonic()
+                continue  # the drafters have answered; the verifier still has its own time
+            if not isinstance(error, _failure_types()):
+                raise error  # a bug in the verifier: surfaced like any other call's
+            self.recover(type(error).__name__)
+            return None
 
     def release(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
@@ -311,9 +473,10 @@ class VerifierHandle:
         return request_id in self._requests
 
     def flush(self) -> None:
-        """Send queued releases now (fire and forget); the runtime calls it when idle."""
+        """Send queued releases now (the runtime calls it when idle), and wait for the
+        same reason as ``DrafterHandle.flush``."""
         if self._releases:
-            self._actor.release.remote(self._releases)
+            _wait_quietly(self._actor.release.remote(self._releases))
         self._releases = []
 
     @property

@@ -11,7 +11,8 @@ own compute time, so
 - ``added = actor round wall − in-process round wall`` (what a user sees).
 
 A second run with no-compute fakes (``testing.FakeDrafter``/``FakeVerifier``) gives
-the pure control cost of a round. Run: ``python -m specfleet.cluster.overhead``.
+the pure control cost of a round.
+Run: ``python -m specfleet.cluster.overhead [--mode compiled|chained|sequential] [--fake]``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 
 from specfleet.cluster.actors import DrafterFactory, VerifierFactory
 from specfleet.cluster.runtime import RayRuntime, connect
@@ -55,7 +55,7 @@ def _ms(ns_values) -> float:
 
 
 def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4, max_new: int = 32,
-            repeats: int = 3, concurrent: bool = True, fake: bool = False) -> dict:
+            repeats: int = 3, mode: str = "compiled", fake: bool = False) -> dict:
     """Run the workload in-process and over actors; return medians in ms and tokens/s."""
     import torch
 
@@ -75,13 +75,14 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
 
     local = SpecEngine(vfac(), {n: f() for n, f in dfac.items()}, draft_policy=FixedDraftLength(window),
                        max_batch_size=cfg.verifier.max_batch_size)
-    runtime = RayRuntime(cfg, drafter_factories=dfac, verifier_factory=vfac, concurrent_drafts=concurrent)
+    runtime = RayRuntime(cfg, drafter_factories=dfac, verifier_factory=vfac,
+                         concurrent_drafts=mode != "sequential", compiled_graph=mode == "compiled")
     runtime.engine.policy = FixedDraftLength(window)
-    result = {"fake": fake, "concurrent": concurrent, "drafters": drafters, "batch": batch,
+    result = {"fake": fake, "mode": mode, "drafters": drafters, "batch": batch,
               "max_new_tokens": max_new, "window": window}
     try:
         for name, engine in (("inprocess", local), ("actors", runtime.engine)):
-            _drive(engine, prompts[:1], replace(sampling, max_new_tokens=4), drafters)  # warm-up
+            _drive(engine, prompts, sampling, drafters)  # warm-up (builds the compiled graph)
             if name == "actors":
                 runtime.engine.timings.clear()
             rounds, secs, tokens, outs = [], 0.0, 0, None
@@ -94,6 +95,8 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
             result[name] = {"round_ms": _ms(rounds), "rounds": len(rounds),
                             "tokens_per_s": round(tokens / secs, 1)}
             result.setdefault("outputs", []).append(outs)
+        runtime.engine.idle()
+        result["actors"]["compiled_rounds"] = runtime.engine.compiled_rounds
         t = list(runtime.engine.timings)
         result["actors"]["overhead_ms"] = _ms([x.overhead_ns for x in t])
         result["actors"]["compute_ms"] = _ms([x.draft_compute_ns + x.verify_compute_ns for x in t])
@@ -112,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sequential", action="store_true", help="propose drafter by drafter")
+    parser.add_argument("--mode", choices=["compiled", "chained", "sequential"], default="compiled",
+                        help="compiled: steady rounds as a Ray compiled graph; chained: plain calls, "
+                        "drafter results passed straight to the verify call; sequential: one call "
+                        "after another, the driver waiting for each")
     parser.add_argument("--fake", action="store_true", help="no-compute fakes: pure control overhead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(cfg.cluster)
         try:
             print(measure(cfg, drafters=drafters, batch=args.batch, max_new=args.max_new_tokens,
-                          repeats=args.repeats, concurrent=not args.sequential, fake=args.fake))
+                          repeats=args.repeats, mode=args.mode, fake=args.fake))
         finally:
             ray.shutdown()
     return 0

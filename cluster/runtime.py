@@ -28,6 +28,7 @@ from specfleet.cluster.actors import (
     spawn_drafter,
     spawn_verifier,
 )
+from specfleet.cluster.compiled_round import COMPILE_AFTER_ROUNDS, CompiledRound
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
 from specfleet.core.config import ClusterConfig, SpecFleetConfig
 from specfleet.core.types import DraftProposal
@@ -51,20 +52,31 @@ class RoundTiming:
 
 
 class ActorSpecEngine(SpecEngine):
-    """``SpecEngine`` whose drafters are ``DrafterHandle``s, called concurrently.
+    """``SpecEngine`` whose drafters are ``DrafterHandle``s and verifier a ``VerifierHandle``.
 
-    The base ``_draft`` calls each drafter's ``propose`` in turn; over actors that
-    serialises drafters that could run side by side on different nodes. Here the
-    base method runs unchanged with every handle in *deferred* mode (``propose`` only
-    sends the call and answers placeholders), then the answers are gathered. The
-    windows, deltas and bookkeeping are therefore exactly the base engine's.
+    The base round calls each drafter's ``propose`` in turn, then ``verify``. Over
+    actors that would serialise drafters that could run side by side, and cost the
+    driver a round trip per hop. Here the base ``_draft`` runs unchanged with every
+    handle replaced by a recorder, so windows, deltas and bookkeeping are exactly the
+    base engine's; then the recorded batches go out in one of two ways:
+
+    - plain calls: every drafter call is sent, and the in-flight calls go straight
+      into the verify call as arguments (``VerifierHandle.verify_chained``): drafters
+      run in parallel, proposals travel drafter → verifier, the driver waits once;
+    - a compiled graph (``compiled_round.py``) once the same drafters have been in
+      use for a few rounds: the same payloads over shared-memory channels.
     """
 
-    def __init__(self, *args, concurrent_drafts: bool = True, **kwargs):
+    def __init__(self, *args, concurrent_drafts: bool = True, compiled_graph: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.concurrent_drafts = concurrent_drafts
+        self.compiled_graph = compiled_graph and concurrent_drafts
         self.timings: deque[RoundTiming] = deque(maxlen=4096)
+        self.compiled_rounds = 0  # rounds that ran through a compiled graph
         self._draft_ns = 0
+        self._compiled: CompiledRound | None = None
+        self._last_used: frozenset[str] = frozenset()
+        self._same_used = 0  # consecutive rounds with the drafter set _last_used
 
     def step(self):
         start = time.perf_counter_ns()
@@ -84,42 +96,94 @@ class ActorSpecEngine(SpecEngine):
                     handle.flush()
         return finished
 
-    def _draft(self) -> tuple[dict[str, DraftProposal], int]:
+    def generate(self, *args, **kwargs):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.idle()
+
+    def idle(self) -> None:
+        """Nothing to run for a while: drop the compiled graph (its actors poll)."""
+        if self._compiled is not None:
+            self._compiled.teardown()
+            self._compiled = None
+        self._same_used = 0
+
+    def _draft_and_verify(self):
         handles = {n: d for n, d in self.drafters.items() if isinstance(d, DrafterHandle)}
         for handle in handles.values():
             handle.last_compute_ns = 0
         if not self.concurrent_drafts or not handles:
-            proposals, positions = super()._draft()
+            # One drafter call after another, then the verify: the plain engine's order
+            # (kept to measure what the chained round saves).
+            results, timing = super()._draft_and_verify()
             self._draft_ns = sum(h.last_compute_ns for h in handles.values())
-            return proposals, positions
-        deferred = {name: _Deferred(handle) for name, handle in handles.items()}
-        real, self.drafters = self.drafters, {**self.drafters, **deferred}
+            return results, timing
+        recorders = {name: _Recorder(name) for name in handles}
+        real, self.drafters = self.drafters, {**self.drafters, **recorders}
         try:
-            proposals, _ = super()._draft()
+            proposals, _ = self._draft()
         finally:
             self.drafters = real
-        positions, self._draft_ns = 0, 0
-        for stub in deferred.values():  # waits for the slowest; the others are already done
-            for pending in stub.pending:
-                got = stub.handle.collect(pending)
-                for proposal in got:
-                    proposals[proposal.request_id] = proposal
-                self._draft_ns = max(self._draft_ns, stub.handle.last_compute_ns)
-                # The drafters ran side by side: the round took the longest window, not the sum.
-                positions = max(positions, max((len(p) for p in got), default=0))
-        return proposals, positions
+        batches = {name: r.requests for name, r in recorders.items() if r.requests}
+        drafted = {req.request_id for batch in batches.values() for req in batch}
+        local = {rid: p for rid, p in proposals.items() if rid not in drafted}
+        request_ids = list(self._active)
+        out = None
+        compiled = self._compiled_for(frozenset(batches), handles)
+        if compiled is not None:
+            out = compiled.run(self.verifier, handles, request_ids, local, batches)
+            if out is None:  # the round did not happen: plain calls below; rebuild later
+                self._compiled, self._same_used = None, 0
+            else:
+                self.compiled_rounds += 1
+        if out is None:
+            calls = [(handles[name], handles[name].submit(batch)) for name, batch in batches.items()]
+            out = self.verifier.verify_chained(request_ids, local, calls)
+        results, drafts = out
+        # The drafters ran side by side: the round took the slowest, not the sum.
+        self._draft_ns = max((ns for ns, _ in drafts), default=0)
+        positions = max((n for _, n in drafts), default=0)
+        timing = (self._draft_ns / positions, self.verifier.last_compute_ns) if positions else None
+        return results, timing
+
+    def _compiled_for(self, used: frozenset[str], handles) -> CompiledRound | None:
+        """The compiled graph to run this round on, building one when it pays."""
+        if not self.compiled_graph or not used:
+            return None
+        self._same_used = self._same_used + 1 if used == self._last_used else 1
+        self._last_used = used
+        current = self._compiled
+        if current is not None and not current.valid_for(self.verifier, handles):
+            self.idle()  # an actor was replaced: the graph holds the old one
+            current = None
+        if current is not None and (set(current.names) == used or (
+                used <= set(current.names) and self._same_used < COMPILE_AFTER_ROUNDS)):
+            return current
+        if self._same_used < COMPILE_AFTER_ROUNDS or not all(handles[n].alive for n in used):
+            return None
+        self.idle()
+        try:
+            self._compiled = CompiledRound(self.verifier, {n: handles[n] for n in used})
+        except Exception:
+            logger.warning("cannot compile the round graph; using plain actor calls", exc_info=True)
+            self.compiled_graph = False
+            return None
+        self._same_used = COMPILE_AFTER_ROUNDS  # keep counting from here, not from 0
+        return self._compiled
 
 
-class _Deferred:
-    """Stands in for a ``DrafterHandle`` during ``ActorSpecEngine._draft``."""
+class _Recorder:
+    """Stands in for a ``DrafterHandle`` during ``ActorSpecEngine._draft``: records the
+    batch (the base engine's deltas) and answers placeholders."""
 
-    def __init__(self, handle: DrafterHandle):
-        self.handle = handle
-        self.pending = []
+    def __init__(self, name: str):
+        self.name = name
+        self.requests = []
 
     def propose(self, requests):
-        self.pending.append(self.handle.submit(requests))
-        return [DraftProposal.empty(r.request_id, self.handle.name) for r in requests]
+        self.requests.extend(requests)
+        return [DraftProposal.empty(r.request_id, self.name) for r in requests]
 
 
 # ---- Ray connection ----------------------------------------------------------------------
@@ -131,8 +195,10 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
+        # address="local" starts a new Ray even if one already runs on this machine
+        # (plain ray.init() would join it, and then refuse num_cpus).
         ray.init(
-            num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, resources=dict(cluster.resources),
+            address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, resources=dict(cluster.resources),
             include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
         )
         return True
@@ -161,6 +227,7 @@ class RayRuntime:
         drafter_factories: Mapping[str, Callable] | None = None,
         verifier_factory: Callable | None = None,
         concurrent_drafts: bool = True,
+        compiled_graph: bool | None = None,
         call_timeout_s: float = 60.0,
         start_timeout_s: float = 600.0,
     ):
@@ -202,6 +269,7 @@ class RayRuntime:
         self.engine = ActorSpecEngine(
             self.verifier, self.drafters, draft_policy=_policy(cfg),
             max_batch_size=slots, concurrent_drafts=concurrent_drafts,
+            compiled_graph=cfg.cluster.compiled_graph if compiled_graph is None else compiled_graph,
         )
 
     @classmethod
@@ -253,6 +321,8 @@ class RayRuntime:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if getattr(self, "engine", None) is not None:
+            self.engine.idle()  # tear the compiled graph down before its actors go
         for handle in list(getattr(self, "drafters", {}).values()):
             handle.shutdown()
         if getattr(self, "verifier", None) is not None:

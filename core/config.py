@@ -117,6 +117,10 @@ class ClusterConfig:
     num_cpus: int | None = _f(2, "CPUs for an embedded Ray (ignored when joining)", min=1)
     num_gpus: int | None = _f(0, "GPUs for an embedded Ray (ignored when joining)", min=0)
     resources: dict[str, float] = _f(dict, "custom resources of an embedded Ray's node")
+    compiled_graph: bool = _f(
+        True, "run steady rounds as a Ray compiled graph (its actors poll while it exists; "
+        "it is built after 4 rounds with the same drafters and dropped when idle)"
+    )
 
 
 @dataclass(frozen=True)

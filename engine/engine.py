@@ -20,7 +20,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from specfleet.core.types import DraftProposal, DraftRequest, FinishReason, SamplingParams
+from specfleet.core.types import (
+    DraftProposal,
+    DraftRequest,
+    FinishReason,
+    SamplingParams,
+    VerifyResult,
+)
 from specfleet.drafters.base import Drafter
 from specfleet.engine.draft_policy import DraftLengthPolicy, FixedDraftLength
 from specfleet.verifiers.verifier import Verifier
@@ -175,15 +181,9 @@ class SpecEngine:
         self._admit()
         if not self._active:
             return self._drain_finished()
-        start = time.perf_counter_ns()
-        proposals, draft_positions = self._draft()
-        verify_start = time.perf_counter_ns()
-        results = self.verifier.verify([proposals[rid] for rid in self._active])
-        if draft_positions:
-            # c = time of one draft position (the whole batch) / one verify step
-            self.policy.observe_timing(
-                (verify_start - start) / draft_positions, time.perf_counter_ns() - verify_start
-            )
+        results, timing = self._draft_and_verify()
+        if timing is not None:
+            self.policy.observe_timing(*timing)
         for result in results:
             req = self._active[result.request_id]
             req.stats.observe_round(
@@ -210,6 +210,25 @@ class SpecEngine:
             raise
         for req in batch:
             self._active[req.request_id] = req
+
+    def idle(self) -> None:
+        """Servers call this when no request has come for a while (a hook for engines
+        that hold resources between rounds; this one holds none)."""
+
+    def _draft_and_verify(self) -> tuple[list[VerifyResult], tuple[float, float] | None]:
+        """Draft for every active request and verify all proposals in one call.
+
+        Returns the results (in ``_active`` order) and, if anything was drafted, the
+        timing the draft policy learns c from: (ns per sequential draft position,
+        ns of the verify step).
+        """
+        start = time.perf_counter_ns()
+        proposals, draft_positions = self._draft()
+        verify_start = time.perf_counter_ns()
+        results = self.verifier.verify([proposals[rid] for rid in self._active])
+        if not draft_positions:
+            return results, None
+        return results, ((verify_start - start) / draft_positions, time.perf_counter_ns() - verify_start)
 
     def _draft(self) -> tuple[dict[str, DraftProposal], int]:
         """Proposals per request, and the number of sequential draft positions taken."""

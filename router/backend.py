@@ -201,6 +201,8 @@ class EngineBackend:
                 command, payload = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             except queue.Empty:
                 command = None
+                if block:
+                    self.engine.idle()
             if command == "stop":
                 break
             if command is not None:

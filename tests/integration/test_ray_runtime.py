@@ -63,10 +63,25 @@ def runtime(models, tmp_path_factory):
 
 @pytest.mark.parametrize("drafter", ["self", "random", "ngram", None])
 def test_greedy_equals_target_generate(runtime, expected, drafter):
+    compiled_before = runtime.engine.compiled_rounds
     outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter=drafter)
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     if drafter == "self":  # the target as drafter is always accepted, across actors too
         assert all(o.stats.acceptance_rate == 1.0 and o.stats.accepted > 0 for o in outs)
+    if drafter is not None:  # steady rounds ran through the compiled graph, exactly
+        assert runtime.engine.compiled_rounds > compiled_before
+    assert runtime.engine._compiled is None  # dropped when generate returns: no idle polling
+
+
+def test_plain_calls_equal_compiled_graph(runtime, expected):
+    runtime.engine.compiled_graph = False
+    try:
+        before = runtime.engine.compiled_rounds
+        outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="random")
+        assert runtime.engine.compiled_rounds == before
+    finally:
+        runtime.engine.compiled_graph = True
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
 
 
 def test_mixed_drafters_in_one_round_run_concurrently(runtime, expected):
@@ -149,3 +164,86 @@ def test_verifier_death_resumes_from_committed_tokens(runtime, expected):
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     assert all(o.finish_reason == FinishReason.LENGTH for o in outs)
     assert handle.restarts == before + 1 and handle.actor != old
+
+
+# ---- failures while rounds run through the compiled graph --------------------------------
+def _run_compiled_then(runtime, fail, drafter="random"):
+    """Step until rounds run compiled, call ``fail()``, finish; outputs in prompt order."""
+    engine = runtime.engine
+    deadline = time.monotonic() + 120  # an earlier test may have restarted the drafter
+    while not runtime.drafters[drafter]._ready():
+        assert time.monotonic() < deadline, "drafter did not come back"
+        time.sleep(0.2)
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=N), drafter=drafter) for p in PROMPTS]
+    done = {}
+    while engine.compiled_rounds == 0 or engine._compiled is None:
+        assert engine.has_work, "no round ran compiled"
+        done.update((o.request_id, o) for o in engine.step())
+    fail()
+    while engine.has_work:
+        done.update((o.request_id, o) for o in engine.step())
+    engine.idle()
+    return [done[i] for i in ids]
+
+
+@pytest.fixture
+def fresh_counters(runtime):
+    runtime.engine.compiled_rounds = 0
+    return runtime
+
+
+def test_compiled_round_survives_drafter_death(fresh_counters, expected):
+    runtime = fresh_counters
+    handle = runtime.drafters["random"]
+    before = handle.restarts
+    outs = _run_compiled_then(runtime, lambda: ray.kill(handle.actor, no_restart=True))
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert handle.restarts == before + 1
+
+
+def test_compiled_round_survives_verifier_death(fresh_counters, expected):
+    runtime = fresh_counters
+    handle = runtime.verifier
+    before = handle.restarts
+    outs = _run_compiled_then(runtime, lambda: ray.kill(handle.actor, no_restart=True))
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert handle.restarts == before + 1
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "plain"])
+def test_hung_drafter_times_out_and_loses_nothing(fresh_counters, expected, compiled):
+    """A drafter that stops answering (SIGSTOP) is given up after its timeout and
+    replaced; the requests finish exactly."""
+    import os
+    import signal
+
+    runtime = fresh_counters
+    handle, verifier = runtime.drafters["random"], runtime.verifier
+    saved = handle.call_timeout_s, verifier.call_timeout_s
+    handle.call_timeout_s, verifier.call_timeout_s = 2.0, 5.0
+    runtime.engine.compiled_graph = compiled
+    before = handle.restarts
+
+    pid = None
+
+    def hang():
+        nonlocal pid
+        if not compiled:  # run plain rounds from here on
+            runtime.engine.idle()
+            runtime.engine.compiled_graph = False
+        pid = handle.info["pid"]  # the actor as of now (earlier tests restarted it)
+        os.kill(pid, signal.SIGSTOP)
+
+    try:
+        runtime.engine.compiled_graph = True
+        outs = _run_compiled_then(runtime, hang)
+    finally:
+        handle.call_timeout_s, verifier.call_timeout_s = saved
+        runtime.engine.compiled_graph = True
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert handle.restarts >= before + 1
