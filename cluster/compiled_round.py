@@ -2,7 +2,8 @@
 
 Where it sits: ``ActorSpecEngine`` (``runtime.py``) runs each round either through
 plain actor calls (``VerifierHandle.verify_chained``) or, once the set of drafters in
-use has been the same for a few rounds, through a ``CompiledRound``. Both send the
+use has been the same for a few rounds and enough rounds are left to repay compiling
+it, through a ``CompiledRound``. Both send the
 same payloads to the same actor methods, so exactness does not depend on the path.
 
 Why: on this class of machine (a 2-vCPU VM) a plain actor call costs ~0.5 ms when the
@@ -36,9 +37,12 @@ from specfleet.core.types import DraftProposal, DraftRequest, VerifyResult
 
 logger = logging.getLogger(__name__)
 
-# A drafter set must stay the same this many rounds before a graph is compiled for it:
-# compiling costs ~0.2 s, a round saves ~2-3 ms here.
+# Compiling costs ~0.2 s here and a compiled round saves ~1.5 ms, so a graph pays
+# after ~100 rounds. It is built once a drafter set has stayed the same this many rounds
 COMPILE_AFTER_ROUNDS = 4
+# and the longest active request may still need this many (the graph then lives on
+# across requests until the engine is idle, which amortises it further).
+COMPILE_MIN_ROUNDS_LEFT = 64
 _PING_TIMEOUT_S = 10.0
 
 

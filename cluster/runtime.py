@@ -28,7 +28,11 @@ from specfleet.cluster.actors import (
     spawn_drafter,
     spawn_verifier,
 )
-from specfleet.cluster.compiled_round import COMPILE_AFTER_ROUNDS, CompiledRound
+from specfleet.cluster.compiled_round import (
+    COMPILE_AFTER_ROUNDS,
+    COMPILE_MIN_ROUNDS_LEFT,
+    CompiledRound,
+)
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
 from specfleet.core.config import ClusterConfig, SpecFleetConfig
 from specfleet.core.types import DraftProposal
@@ -67,10 +71,13 @@ class ActorSpecEngine(SpecEngine):
       use for a few rounds: the same payloads over shared-memory channels.
     """
 
-    def __init__(self, *args, concurrent_drafts: bool = True, compiled_graph: bool = True, **kwargs):
+    def __init__(self, *args, concurrent_drafts: bool = True, compiled_graph: bool = True,
+                 compiled_graph_max_drafters: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.concurrent_drafts = concurrent_drafts
         self.compiled_graph = compiled_graph and concurrent_drafts
+        self.compiled_graph_max_drafters = compiled_graph_max_drafters
+        self.compile_min_rounds_left = COMPILE_MIN_ROUNDS_LEFT
         self.timings: deque[RoundTiming] = deque(maxlen=4096)
         self.compiled_rounds = 0  # rounds that ran through a compiled graph
         self._draft_ns = 0
@@ -104,10 +111,21 @@ class ActorSpecEngine(SpecEngine):
 
     def idle(self) -> None:
         """Nothing to run for a while: drop the compiled graph (its actors poll)."""
+        self._drop_compiled()
+        self._same_used = 0
+
+    def _rounds_left(self) -> float:
+        """Rounds the longest active request may still take (budget / tokens per round)."""
+        left = 0.0
+        for rid, req in self._active.items():
+            budget = req.sampling.max_new_tokens - len(self.verifier.generated(rid))
+            left = max(left, budget / max(1.0, req.stats.mean_acceptance_length))
+        return left
+
+    def _drop_compiled(self) -> None:
         if self._compiled is not None:
             self._compiled.teardown()
             self._compiled = None
-        self._same_used = 0
 
     def _draft_and_verify(self):
         handles = {n: d for n, d in self.drafters.items() if isinstance(d, DrafterHandle)}
@@ -154,15 +172,16 @@ class ActorSpecEngine(SpecEngine):
         self._same_used = self._same_used + 1 if used == self._last_used else 1
         self._last_used = used
         current = self._compiled
-        if current is not None and not current.valid_for(self.verifier, handles):
-            self.idle()  # an actor was replaced: the graph holds the old one
-            current = None
-        if current is not None and (set(current.names) == used or (
-                used <= set(current.names) and self._same_used < COMPILE_AFTER_ROUNDS)):
+        if current is not None and current.valid_for(self.verifier, handles) and used <= set(current.names):
+            # Requests finishing leave a subset in use: recompiling (~0.2 s) for that
+            # would cost more than the idle drafters' empty calls.
             return current
-        if self._same_used < COMPILE_AFTER_ROUNDS or not all(handles[n].alive for n in used):
+        # Out of date (an actor was replaced) or missing a drafter: its actors would
+        # poll for nothing while rounds run over plain calls.
+        self._drop_compiled()
+        if (self._same_used < COMPILE_AFTER_ROUNDS or len(used) > self.compiled_graph_max_drafters
+                or not all(handles[n].alive for n in used) or self._rounds_left() < self.compile_min_rounds_left):
             return None
-        self.idle()
         try:
             self._compiled = CompiledRound(self.verifier, {n: handles[n] for n in used})
         except Exception:
@@ -270,6 +289,7 @@ class RayRuntime:
             self.verifier, self.drafters, draft_policy=_policy(cfg),
             max_batch_size=slots, concurrent_drafts=concurrent_drafts,
             compiled_graph=cfg.cluster.compiled_graph if compiled_graph is None else compiled_graph,
+            compiled_graph_max_drafters=cfg.cluster.compiled_graph_max_drafters,
         )
 
     @classmethod

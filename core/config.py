@@ -121,6 +121,10 @@ class ClusterConfig:
         True, "run steady rounds as a Ray compiled graph (its actors poll while it exists; "
         "it is built after 4 rounds with the same drafters and dropped when idle)"
     )
+    compiled_graph_max_drafters: int = _f(
+        1, "compile only while at most this many drafters are in use: every actor in the "
+        "graph polls, so it pays only when each has a core to itself", min=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ def runtime(models, tmp_path_factory):
     cfg = load_config(write_config(tmp / "cfg.yaml", tiny_config_dict(models)))
     with token_auth(tmp):
         rt = RayRuntime.start(cfg)
+        # These requests are short; let them compile the round graph anyway (the
+        # default waits for enough rounds left to repay compiling).
+        rt.engine.compile_min_rounds_left = 0
         try:
             yield rt
         finally:
@@ -71,6 +74,18 @@ def test_greedy_equals_target_generate(runtime, expected, drafter):
     if drafter is not None:  # steady rounds ran through the compiled graph, exactly
         assert runtime.engine.compiled_rounds > compiled_before
     assert runtime.engine._compiled is None  # dropped when generate returns: no idle polling
+
+
+def test_short_requests_do_not_compile_a_graph(runtime):
+    from specfleet.cluster.compiled_round import COMPILE_MIN_ROUNDS_LEFT
+
+    runtime.engine.compile_min_rounds_left = COMPILE_MIN_ROUNDS_LEFT
+    try:
+        before = runtime.engine.compiled_rounds
+        runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="random")
+        assert runtime.engine.compiled_rounds == before  # N=24 < 64 rounds: not worth 0.2 s
+    finally:
+        runtime.engine.compile_min_rounds_left = 0
 
 
 def test_plain_calls_equal_compiled_graph(runtime, expected):
