@@ -78,6 +78,9 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
     runtime = RayRuntime(cfg, drafter_factories=dfac, verifier_factory=vfac,
                          concurrent_drafts=mode != "sequential", compiled_graph=mode == "compiled")
     runtime.engine.policy = FixedDraftLength(window)
+    # This measures what a round costs on each path, not when serving picks one: let
+    # even short requests compile the graph.
+    runtime.engine.compile_min_rounds_left = 0
     result = {"fake": fake, "mode": mode, "drafters": drafters, "batch": batch,
               "max_new_tokens": max_new, "window": window}
     try:
