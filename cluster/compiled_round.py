@@ -28,7 +28,6 @@ committed tokens. No request is lost, nothing is emitted twice.
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -113,9 +112,10 @@ class CompiledRound:
             reply = self._recover(exc, verifier, drafters, round_id)
             if reply is None:
                 return None
-        for (name, (compute_ns, _)) in zip(self.names, pickle.loads(reply)[2]):
+        results, infos = verifier.apply_reply(reply)
+        for name, (compute_ns, _) in zip(self.names, infos):
             drafters[name].last_compute_ns = compute_ns
-        return verifier.apply_reply(reply)
+        return results, infos
 
     def _recover(self, error: Exception, verifier, drafters, round_id: int) -> bytes | None:
         import ray

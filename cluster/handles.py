@@ -381,9 +381,10 @@ class VerifierHandle:
             results, _ = self.apply_reply(self._call(lambda a, rel: a.verify.remote(
                 _dumps((list(request_ids), ordered, rel, None)))))
             return results, infos
-        for (handle, _), (compute_ns, _) in zip(chained, pickle.loads(reply)[2]):
+        results, infos = self.apply_reply(reply)
+        for (handle, _), (compute_ns, _) in zip(chained, infos):
             handle.last_compute_ns = compute_ns
-        return self.apply_reply(reply)
+        return results, infos
 
     def round_payload(self, request_ids: Sequence[str], proposals: dict[str, DraftProposal]) -> tuple[bytes, int]:
         """The ``verify`` payload of a new round (queued releases ride along) and its id."""
@@ -413,9 +414,13 @@ class VerifierHandle:
             return None
         if ran_id == round_id:
             return reply
+        self._requeue_in_flight()
+        return None
+
+    def _requeue_in_flight(self) -> None:
+        """The round in flight did not run: its releases are still due."""
         self._releases = self._in_flight + self._releases
         self._in_flight = []
-        return None
 
     def recover(self, why: str) -> None:
         """Replace the verifier actor and resume every unfinished request (see ``_recover``)."""
@@ -441,7 +446,7 @@ class VerifierHandle:
                 error = exc
             done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
             if any(r in done and _failed(r) for r in refs):
-                self._releases = self._in_flight + self._releases
+                self._requeue_in_flight()
                 return None  # an argument failed: the verify never ran
             hung = [(h, p) for (h, p), r in zip(drafts, refs) if r not in done and p.ref is not None]
             if hung and isinstance(error, GetTimeoutError):
