@@ -219,7 +219,7 @@ class VerifierActor:
         ])
         # Restore the original prompt boundary. This touches Verifier internals, which
         # is why it lives in this one function (upstream: a Verifier.resume_requests).
-        from specfleet.verifiers.stopping import StopChecker
+        from specfleet.core.stopping import StopChecker
 
         for rid, plen, _, sampling in items:
             state = self.verifier._requests[rid]

@@ -27,7 +27,7 @@ import torch
 from specfleet.core.types import DraftProposal, DraftRequest
 from specfleet.drafters.base import Drafter
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
-from specfleet.verifiers.sampling import make_generator, processed_probs, sample
+from specfleet.core.sampling import make_generator, processed_probs, sample
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.core.types import ROOT, SamplingParams
-from specfleet.verifiers.sampling import processed_probs, sample
+from specfleet.core.sampling import processed_probs, sample
 
 # Per-node draft distributions for ``accept_sampled``; see its docstring.
 DraftProbs = torch.Tensor | Sequence[torch.Tensor | None] | None

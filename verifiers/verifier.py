@@ -26,8 +26,8 @@ import torch
 from specfleet.core.types import ROOT, DraftProposal, FinishReason, SamplingParams, VerifyResult
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
 from specfleet.verifiers.acceptance import accept_greedy, accept_sampled
-from specfleet.verifiers.sampling import make_generator
-from specfleet.verifiers.stopping import StopChecker
+from specfleet.core.sampling import make_generator
+from specfleet.core.stopping import StopChecker
 
 logger = logging.getLogger(__name__)
 

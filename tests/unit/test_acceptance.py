@@ -25,7 +25,7 @@ from specfleet.verifiers.acceptance import (
     accept_sampled,
     tree_children,
 )
-from specfleet.verifiers.sampling import make_generator, processed_probs
+from specfleet.core.sampling import make_generator, processed_probs
 
 SAMPLED = SamplingParams(temperature=1.0)
 TRIALS = 3000  # per statistical check: ~0.2 s each on one CPU core

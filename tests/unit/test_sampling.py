@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from specfleet.verifiers.sampling import make_generator, processed_probs, sample
+from specfleet.core.sampling import make_generator, processed_probs, sample
 
 
 def _logits_for(probs: list[float]) -> torch.Tensor:
