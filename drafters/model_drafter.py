@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specfleet.core.sampling import make_generator, processed_probs, sample
 from specfleet.core.types import DraftProposal, DraftRequest
 from specfleet.drafters.base import Drafter
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
-from specfleet.core.sampling import make_generator, processed_probs, sample
 
 
 @dataclass

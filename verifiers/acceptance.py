@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specfleet.core.types import ROOT, SamplingParams
 from specfleet.core.sampling import processed_probs, sample
+from specfleet.core.types import ROOT, SamplingParams
 
 # Per-node draft distributions for ``accept_sampled``; see its docstring.
 DraftProbs = torch.Tensor | Sequence[torch.Tensor | None] | None

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specfleet.core.sampling import make_generator
+from specfleet.core.stopping import StopChecker
 from specfleet.core.types import ROOT, DraftProposal, FinishReason, SamplingParams, VerifyResult
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
 from specfleet.verifiers.acceptance import accept_greedy, accept_sampled
-from specfleet.core.sampling import make_generator
-from specfleet.core.stopping import StopChecker
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from specfleet.core.sampling import make_generator, processed_probs
 from specfleet.core.types import ROOT, SamplingParams
 from specfleet.verifiers.acceptance import (
     Acceptance,
@@ -25,7 +26,6 @@ from specfleet.verifiers.acceptance import (
     accept_sampled,
     tree_children,
 )
-from specfleet.core.sampling import make_generator, processed_probs
 
 SAMPLED = SamplingParams(temperature=1.0)
 TRIALS = 3000  # per statistical check: ~0.2 s each on one CPU core
