@@ -31,8 +31,8 @@ import transformers
 from tqdm import tqdm
 
 from specfleet.core.types import SamplingParams
-from specfleet.engine.draft_policy import FixedDraftLength
 from specfleet.engine.engine import SpecEngine
+from specfleet.policy.draft_length import FixedDraftLength
 
 logger = logging.getLogger(__name__)
 DOMAINS = ("code", "prose", "data")

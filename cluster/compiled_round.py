@@ -36,12 +36,9 @@ from specfleet.core.types import DraftProposal, DraftRequest, VerifyResult
 
 logger = logging.getLogger(__name__)
 
-# Compiling costs ~0.2 s here and a compiled round saves ~1.5 ms, so a graph pays
-# after ~100 rounds. It is built once a drafter set has stayed the same this many rounds
-COMPILE_AFTER_ROUNDS = 4
-# and the longest active request may still need this many (the graph then lives on
-# across requests until the engine is idle, which amortises it further).
-COMPILE_MIN_ROUNDS_LEFT = 64
+# When to compile is configured (cluster.compile_after_rounds, compile_min_rounds_left):
+# compiling costs ~0.2 s here and a compiled round saves ~1.5 ms, so a graph pays after
+# ~100 rounds; once built it lives on across requests until the engine is idle.
 _PING_TIMEOUT_S = 10.0
 
 

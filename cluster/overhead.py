@@ -27,8 +27,8 @@ from specfleet.cluster.actors import DrafterFactory, VerifierFactory
 from specfleet.cluster.runtime import RayRuntime, connect
 from specfleet.core.config import SpecFleetConfig, load_config
 from specfleet.core.types import SamplingParams
-from specfleet.engine.draft_policy import FixedDraftLength
 from specfleet.engine.engine import SpecEngine
+from specfleet.policy.draft_length import FixedDraftLength
 
 logger = logging.getLogger(__name__)
 

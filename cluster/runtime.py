@@ -28,31 +28,16 @@ from specfleet.cluster.actors import (
     spawn_drafter,
     spawn_verifier,
 )
-from specfleet.cluster.compiled_round import (
-    COMPILE_AFTER_ROUNDS,
-    COMPILE_MIN_ROUNDS_LEFT,
-    CompiledRound,
-)
+from specfleet.cluster.compiled_round import CompiledRound
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
 from specfleet.core.config import ClusterConfig, SpecFleetConfig
+from specfleet.core.stats import RoundTiming
 from specfleet.core.types import DraftProposal
 from specfleet.engine.engine import SpecEngine
+from specfleet.policy.factory import build_draft_length, build_router
 from specfleet.router.backend import BackendInfo, EngineBackend
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundTiming:
-    """Where one round's wall time went (ns). overhead = wall − compute on the critical path."""
-
-    wall_ns: int
-    draft_compute_ns: int  # slowest drafter's in-actor time (they run in parallel)
-    verify_compute_ns: int  # the verifier actor's in-actor time
-
-    @property
-    def overhead_ns(self) -> int:
-        return self.wall_ns - self.draft_compute_ns - self.verify_compute_ns
 
 
 class ActorSpecEngine(SpecEngine):
@@ -77,7 +62,8 @@ class ActorSpecEngine(SpecEngine):
         self.concurrent_drafts = concurrent_drafts
         self.compiled_graph = compiled_graph and concurrent_drafts
         self.compiled_graph_max_drafters = compiled_graph_max_drafters
-        self.compile_min_rounds_left = COMPILE_MIN_ROUNDS_LEFT
+        self.compile_min_rounds_left = ClusterConfig().compile_min_rounds_left
+        self.compile_after_rounds = ClusterConfig().compile_after_rounds
         self.timings: deque[RoundTiming] = deque(maxlen=4096)
         self.compiled_rounds = 0  # rounds that ran through a compiled graph
         self._draft_ns = 0
@@ -179,7 +165,7 @@ class ActorSpecEngine(SpecEngine):
         # Out of date (an actor was replaced) or missing a drafter: its actors would
         # poll for nothing while rounds run over plain calls.
         self._drop_compiled()
-        if (self._same_used < COMPILE_AFTER_ROUNDS or len(used) > self.compiled_graph_max_drafters
+        if (self._same_used < self.compile_after_rounds or len(used) > self.compiled_graph_max_drafters
                 or not all(handles[n].alive for n in used) or self._rounds_left() < self.compile_min_rounds_left):
             return None
         try:
@@ -188,7 +174,7 @@ class ActorSpecEngine(SpecEngine):
             logger.warning("cannot compile the round graph; using plain actor calls", exc_info=True)
             self.compiled_graph = False
             return None
-        self._same_used = COMPILE_AFTER_ROUNDS  # keep counting from here, not from 0
+        self._same_used = self.compile_after_rounds  # keep counting from here, not from 0
         return self._compiled
 
 
@@ -286,11 +272,14 @@ class RayRuntime:
             self.shutdown()
             raise
         self.engine = ActorSpecEngine(
-            self.verifier, self.drafters, draft_policy=_policy(cfg),
+            self.verifier, self.drafters, draft_policy=build_draft_length(cfg),
+            default_drafter=cfg.router.default_drafter or cfg.drafters[0].name,
             max_batch_size=slots, concurrent_drafts=concurrent_drafts,
             compiled_graph=cfg.cluster.compiled_graph if compiled_graph is None else compiled_graph,
             compiled_graph_max_drafters=cfg.cluster.compiled_graph_max_drafters,
         )
+        self.engine.compile_after_rounds = cfg.cluster.compile_after_rounds
+        self.engine.compile_min_rounds_left = cfg.cluster.compile_min_rounds_left
 
     @classmethod
     def start(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayRuntime:
@@ -361,9 +350,11 @@ class RayBackend(EngineBackend):
     streaming, with an engine whose drafters and verifier are actors."""
 
     def __init__(self, runtime: RayRuntime, *, router=None):
+        """``router`` (built from the config by ``from_config``) chooses drafters for
+        requests without a preference; without it the default drafter serves them."""
         self.runtime = runtime
-        default = runtime.cfg.router.default_drafter or runtime.cfg.drafters[0].name
-        super().__init__(runtime.engine, runtime.backend_info(), default_drafter=default, router=router)
+        runtime.engine.router = router
+        super().__init__(runtime.engine, runtime.backend_info())
 
     @classmethod
     def from_config(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayBackend:
@@ -371,11 +362,10 @@ class RayBackend(EngineBackend):
         runtime = RayRuntime.start(cfg, address, **kwargs)
         try:
             from specfleet.models.loading import load_tokenizer
-            from specfleet.router.expertise import router_from_config
 
             # Routing reads request text in this process; the tokenizer is all it needs.
             tok = load_tokenizer(cfg.models.tokenizer or cfg.models.target, config_key="models.tokenizer")
-            router = router_from_config(cfg, lambda ids: tok.decode(ids, skip_special_tokens=False))
+            router = build_router(cfg, lambda ids: tok.decode(ids, skip_special_tokens=False))
             return cls(runtime, router=router)
         except BaseException:
             runtime.shutdown()
@@ -385,15 +375,6 @@ class RayBackend(EngineBackend):
         """Stop the engine thread (after the caller drained requests) and free every actor."""
         await super().close()
         self.runtime.shutdown()
-
-
-def _policy(cfg: SpecFleetConfig):
-    from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
-
-    sched = cfg.scheduler
-    if sched.adaptive:
-        return AdaptiveDraftLength(max_length=sched.max_draft_length)
-    return FixedDraftLength(sched.draft_length)
 
 
 def _res(res) -> dict:

@@ -82,10 +82,20 @@ class RouterConfig:
     )
     default_drafter: str | None = _f(None, "drafter used when nothing is known; default: first")
     exploration: float = _f(0.1, "fraction of requests routed to try a non-best drafter", min=0)
+    seed: int = _f(0, "seed of the exploration coin (routing never changes output)", min=0)
+    smoothing: float = _f(
+        0.1, "EMA weight of the newest round in the acceptance table (after the first 1/w rounds)",
+        min=0,
+    )
+    prior_specialist: float = _f(2.5, "score (tokens/round) of an untried drafter of the request's domain", min=0)
+    prior_general: float = _f(2.0, "score of an untried general drafter", min=0)
+    prior_other: float = _f(1.5, "score of an untried specialist of another domain", min=0)
 
     def __post_init__(self):
         if self.exploration > 1:
             raise ValueError(f"exploration: must be <= 1, got {self.exploration}")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing: must be in (0, 1], got {self.smoothing}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,18 @@ class SchedulerConfig:
     draft_length: int = _f(4, "initial draft window (tokens per round)", min=0)
     max_draft_length: int = _f(8, "upper bound for the adaptive window", min=1)
     adaptive: bool = _f(True, "adapt the window to acceptance and draft/verify speed")
+    initial_alpha: float = _f(0.6, "adaptive: per-token acceptance assumed before a request has history", min=0)
+    alpha_smoothing: float = _f(0.3, "adaptive: EMA weight of the newest round's acceptance", min=0)
+    cost_ratio_prior: float = _f(
+        0.1, "adaptive: draft-token/verify-step time ratio assumed until timings are measured", min=0
+    )
+    timing_smoothing: float = _f(0.2, "adaptive: EMA weight of the newest round's timing", min=0)
+    probe_every: int = _f(16, "adaptive: rounds between one-token probes while speculation is off", min=1)
+
+    def __post_init__(self):
+        for key in ("initial_alpha", "alpha_smoothing", "timing_smoothing"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key}: must be <= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +141,14 @@ class ClusterConfig:
     resources: dict[str, float] = _f(dict, "custom resources of an embedded Ray's node")
     compiled_graph: bool = _f(
         True, "run steady rounds as a Ray compiled graph (its actors poll while it exists; "
-        "it is built after 4 rounds with the same drafters and dropped when idle)"
+        "it is built after compile_after_rounds rounds with the same drafters and dropped when idle)"
+    )
+    compile_after_rounds: int = _f(
+        4, "rounds with the same drafters in use before the compiled graph is built", min=1
+    )
+    compile_min_rounds_left: int = _f(
+        64, "build the compiled graph only if the running requests have at least this many "
+        "rounds left (compiling costs about as much as this many chained rounds save)", min=0,
     )
     compiled_graph_max_drafters: int = _f(
         1, "compile only while at most this many drafters are in use: every actor in the "

@@ -1,4 +1,4 @@
 """The in-process speculative engine: the draft → verify → accept loop over a batch.
 
 The distributed runtime drives the same mechanism through actor handles; policy
-(which drafter, how long a window) lives in ``draft_policy`` and is swappable."""
+(which drafter, how long a window) lives in ``specfleet.policy`` and is swappable."""

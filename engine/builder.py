@@ -86,8 +86,8 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
 
 def build_engine(cfg: SpecFleetConfig):
     """The whole in-process engine described by ``cfg`` (tensor parallelism aside)."""
-    from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
     from specfleet.engine.engine import SpecEngine
+    from specfleet.policy.factory import build_policies
 
     if cfg.verifier.count > 1:
         logger.warning("verifier.count=%d: the in-process engine drives one verifier group",
@@ -103,10 +103,8 @@ def build_engine(cfg: SpecFleetConfig):
         )
         for d in cfg.drafters
     }
-    sched = cfg.scheduler
-    policy = (
-        AdaptiveDraftLength(max_length=sched.max_draft_length)
-        if sched.adaptive
-        else FixedDraftLength(sched.draft_length)
+    policies = build_policies(cfg, verifier.decode)
+    return SpecEngine(
+        verifier, drafters, draft_policy=policies.draft_length, router=policies.router,
+        default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
     )
-    return SpecEngine(verifier, drafters, draft_policy=policy, max_batch_size=cfg.verifier.max_batch_size)

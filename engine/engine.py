@@ -2,8 +2,11 @@
 
 Where it sits: ``specfleet bench engine`` and tests drive it directly; the Ray
 runtime runs the same round structure with drafters and the verifier behind actor
-handles. Mechanism only: which drafter serves a request is given at ``submit``
-(the router decides it), how long each window is comes from a ``DraftLengthPolicy``.
+handles. Mechanism only: which drafter serves a request is given at ``submit`` or, with
+``route=True``, asked of the router (``policy/routing.py``) at admission; how long
+each window is comes from a ``DraftLengthPolicy`` (``policy/draft_length.py``).
+Policies are told the time from the engine's ``Clock`` and a ``LoadSnapshot``; the
+router learns from every round of every routed request.
 
 A round: every active request gets a ``DraftRequest`` carrying only the committed
 tokens its drafter has not seen; drafters propose (one batched call per drafter);
@@ -20,6 +23,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from specfleet.core.clock import Clock, MonotonicClock
+from specfleet.core.load import GroupLoad, LoadSnapshot
+from specfleet.core.stats import RequestStats
 from specfleet.core.types import (
     DraftProposal,
     DraftRequest,
@@ -28,46 +34,11 @@ from specfleet.core.types import (
     VerifyResult,
 )
 from specfleet.drafters.base import Drafter
-from specfleet.engine.draft_policy import DraftLengthPolicy, FixedDraftLength
+from specfleet.policy.draft_length import DraftLengthPolicy, FixedDraftLength
+from specfleet.policy.routing import ExpertiseRouter
 from specfleet.verifiers.verifier import Verifier
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestStats:
-    """Speculation statistics of one request (vLLM's vocabulary)."""
-
-    rounds: int = 0  # verification rounds (target forward passes) after prefill
-    drafted: int = 0  # draft tokens proposed (longest path per round)
-    accepted: int = 0  # draft tokens accepted
-    emitted: int = 0  # tokens committed (accepted + recovered/bonus)
-    position_drafted: list[int] = field(default_factory=list)  # [k]: rounds with a k-th draft token
-    position_accepted: list[int] = field(default_factory=list)  # [k]: rounds accepting it
-    drafters: Counter = field(default_factory=Counter)  # drafter name → rounds served
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens committed per verification round, counting the recovered/bonus token."""
-        return self.emitted / self.rounds if self.rounds else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def observe_round(self, drafted: int, accepted: int, emitted: int, drafter: str | None) -> None:
-        self.rounds += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.emitted += emitted
-        for k in range(drafted):
-            if k == len(self.position_drafted):
-                self.position_drafted.append(0)
-                self.position_accepted.append(0)
-            self.position_drafted[k] += 1
-            self.position_accepted[k] += int(k < accepted)
-        if drafter and drafted:
-            self.drafters[drafter] += 1
 
 
 @dataclass
@@ -86,6 +57,8 @@ class _Active:
     sampling: SamplingParams
     drafter: str | None
     max_draft_length: int | None = None  # the client's cap on the window
+    domain: str | None = None  # the router's classification; None when not routed
+    arrived_ns: int = 0  # engine clock at submit
     seen: int = 0  # committed tokens the drafter has been sent
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -99,15 +72,23 @@ class SpecEngine:
         drafters: Mapping[str, Drafter],
         *,
         draft_policy: DraftLengthPolicy | None = None,
+        router: ExpertiseRouter | None = None,
+        default_drafter: str | None = None,
         max_batch_size: int = 8,
         token_sink: Callable[[str, list[int]], None] | None = None,
+        clock: Clock | None = None,
     ):
         """``token_sink(request_id, tokens)`` receives each round's committed tokens
-        as soon as they are verified (streaming servers use it)."""
+        as soon as they are verified (streaming servers use it). ``router`` chooses the
+        drafter of requests submitted with ``route=True`` and no drafter; without one,
+        ``default_drafter`` (default: the first drafter) serves them."""
         self.verifier = verifier
         self.token_sink = token_sink
         self.drafters = dict(drafters)
         self.policy = draft_policy or FixedDraftLength(4)
+        self.router = router
+        self.default_drafter = default_drafter or next(iter(self.drafters), None)
+        self.clock = clock or MonotonicClock()
         self.max_batch_size = max_batch_size
         self._waiting: deque[_Active] = deque()
         self._active: dict[str, _Active] = {}
@@ -123,10 +104,19 @@ class SpecEngine:
         drafter: str | None = None,
         request_id: str | None = None,
         max_draft_length: int | None = None,
+        route: bool = False,
     ) -> str:
-        """Queue a request; ``drafter=None`` decodes it without speculation."""
+        """Queue a request; ``drafter=None`` decodes it without speculation unless
+        ``route`` asks the router (or the default drafter) to pick one."""
         sampling = sampling or SamplingParams()
         sampling.validate()
+        now = self.clock.now_ns()
+        domain = None
+        if route and drafter is None:
+            if self.router is not None:
+                domain, drafter = self.router.route(prompt, now_ns=now, load=self.load())
+            else:
+                drafter = self.default_drafter
         if drafter is not None and drafter not in self.drafters:
             raise ValueError(f"unknown drafter {drafter!r} (known: {', '.join(self.drafters)})")
         if request_id is None:
@@ -134,7 +124,9 @@ class SpecEngine:
             self._next_id += 1
         if request_id in self._active or any(r.request_id == request_id for r in self._waiting):
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._waiting.append(_Active(request_id, list(prompt), sampling, drafter, max_draft_length))
+        req = _Active(request_id, list(prompt), sampling, drafter, max_draft_length, domain, now)
+        req.stats.domain = domain
+        self._waiting.append(req)
         return request_id
 
     def cancel(self, request_id: str) -> bool:
@@ -157,6 +149,15 @@ class SpecEngine:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._active)
+
+    def load(self) -> LoadSnapshot:
+        """What policies are told about load (one verifier group in this engine)."""
+        per_drafter = Counter(r.drafter for r in self._active.values() if r.drafter)
+        return LoadSnapshot(
+            waiting=len(self._waiting),
+            groups=(GroupLoad(len(self._active), self.max_batch_size),),
+            drafter_requests=dict(per_drafter),
+        )
 
     # ---- the loop ----------------------------------------------------------------------
     def generate(
@@ -182,14 +183,19 @@ class SpecEngine:
         if not self._active:
             return self._drain_finished()
         results, timing = self._draft_and_verify()
+        now = self.clock.now_ns()
         if timing is not None:
-            self.policy.observe_timing(*timing)
+            self.policy.observe_timing(*timing, now_ns=now)
         for result in results:
             req = self._active[result.request_id]
-            req.stats.observe_round(
-                result.num_drafted, result.num_accepted, len(result.emitted), req.drafter
-            )
-            self.policy.observe(req.request_id, result.num_drafted, result.num_accepted)
+            drafted, accepted, emitted = result.num_drafted, result.num_accepted, len(result.emitted)
+            req.stats.observe_round(drafted, accepted, emitted, req.drafter)
+            if emitted and req.stats.first_token_ns is None:
+                req.stats.first_token_ns = now - req.arrived_ns
+            self.policy.observe(req.request_id, drafted, accepted, now_ns=now)
+            if self.router is not None and req.domain is not None:
+                self.router.observe_round(req.domain, req.drafter, drafted=drafted,
+                                          accepted=accepted, emitted=emitted, now_ns=now)
             if self.token_sink is not None and result.emitted:
                 self.token_sink(req.request_id, result.emitted)
             if result.finish_reason is not None:
@@ -208,7 +214,10 @@ class SpecEngine:
             # Nothing was admitted: put the batch back so no request is silently lost.
             self._waiting.extendleft(reversed(batch))
             raise
+        now = self.clock.now_ns()
         for req in batch:
+            req.stats.verifier_group = 0
+            req.stats.queue_ns = now - req.arrived_ns
             self._active[req.request_id] = req
 
     def idle(self) -> None:
@@ -234,11 +243,12 @@ class SpecEngine:
         """Proposals per request, and the number of sequential draft positions taken."""
         proposals: dict[str, DraftProposal] = {}
         by_drafter: dict[str, list[DraftRequest]] = {}
+        now, load = self.clock.now_ns(), self.load()
         for rid, req in self._active.items():
             tokens = self.verifier.tokens(rid)
             # Drafts past max_new_tokens are wasted: the round's bonus token is free.
             remaining = req.sampling.max_new_tokens - (len(tokens) - len(req.prompt))
-            window = min(self.policy.window(rid), remaining - 1) if req.drafter else 0
+            window = min(self.policy.window(rid, now_ns=now, load=load), remaining - 1) if req.drafter else 0
             if req.max_draft_length is not None:
                 window = min(window, req.max_draft_length)
             if window <= 0:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from specfleet.core.types import FinishReason, SamplingParams
-from specfleet.router.expertise import ExpertiseRouter, router_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -87,21 +86,11 @@ class EngineBackend:
     asyncio queue via ``loop.call_soon_threadsafe``.
     """
 
-    def __init__(
-        self,
-        engine,
-        info: BackendInfo,
-        *,
-        default_drafter: str | None = None,
-        router: ExpertiseRouter | None = None,
-    ):
-        """``router`` picks a drafter for requests without a preference; without one,
-        ``default_drafter`` serves them."""
+    def __init__(self, engine, info: BackendInfo):
+        """Requests without a drafter preference are routed by the engine (its router,
+        or its default drafter)."""
         self.engine = engine
         self._info = info
-        self.default_drafter = default_drafter
-        self.router = router
-        self._routes: dict[str, tuple[str, str]] = {}  # request id → (domain, drafter)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = threading.Event()
@@ -127,9 +116,7 @@ class EngineBackend:
                  "dtype": cfg.verifier.dtype}
             ] * cfg.verifier.count,
         )
-        default = cfg.router.default_drafter or cfg.drafters[0].name
-        router = router_from_config(cfg, engine.verifier.decode)
-        return cls(engine, info, default_drafter=default, router=router)
+        return cls(engine, info)
 
     def info(self) -> BackendInfo:
         return self._info
@@ -178,16 +165,11 @@ class EngineBackend:
         if command == "submit":
             request: GenerationRequest = payload
             drafter = request.drafter if request.speculate else None
-            if request.speculate and drafter is None:
-                if self.router is not None:
-                    domain, drafter = self.router.route(request.prompt_token_ids)
-                    self._routes[request.request_id] = (domain, drafter)
-                else:
-                    drafter = self.default_drafter
             try:
                 self.engine.submit(
                     request.prompt_token_ids, request.sampling, drafter=drafter,
                     request_id=request.request_id, max_draft_length=request.max_draft_length,
+                    route=request.speculate,
                 )
             except ValueError as exc:
                 self._emit(GenerationChunk(request.request_id, [], error=str(exc)))
@@ -217,9 +199,6 @@ class EngineBackend:
                 self._fail_all(str(exc))
                 continue
             for out in finished:
-                route = self._routes.pop(out.request_id, None)
-                if route is not None and out.stats.rounds:
-                    self.router.observe(*route, out.stats.mean_acceptance_length)
                 if out.finish_reason != FinishReason.CANCELLED:
                     self._emit(
                         GenerationChunk(out.request_id, [], out.finish_reason, stats_dict(out.stats))

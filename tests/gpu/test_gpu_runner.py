@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specfleet.core.types import SamplingParams
 from specfleet.drafters.model_drafter import ModelDrafter
-from specfleet.engine.draft_policy import FixedDraftLength
 from specfleet.engine.engine import SpecEngine
 from specfleet.models.llama_runner import LlamaRunner
+from specfleet.policy.draft_length import FixedDraftLength
 from specfleet.verifiers.verifier import Verifier
 
 pytestmark = [

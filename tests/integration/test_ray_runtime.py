@@ -77,9 +77,9 @@ def test_greedy_equals_target_generate(runtime, expected, drafter):
 
 
 def test_short_requests_do_not_compile_a_graph(runtime):
-    from specfleet.cluster.compiled_round import COMPILE_MIN_ROUNDS_LEFT
+    from specfleet.core.config import ClusterConfig
 
-    runtime.engine.compile_min_rounds_left = COMPILE_MIN_ROUNDS_LEFT
+    runtime.engine.compile_min_rounds_left = ClusterConfig().compile_min_rounds_left
     try:
         before = runtime.engine.compiled_rounds
         runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="random")

@@ -19,9 +19,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specfleet.core.types import DraftProposal, SamplingParams
 from specfleet.drafters.base import Drafter
 from specfleet.drafters.model_drafter import ModelDrafter
-from specfleet.engine.draft_policy import FixedDraftLength
 from specfleet.engine.engine import SpecEngine
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
+from specfleet.policy.draft_length import FixedDraftLength
 from specfleet.verifiers.tensor_parallel import TPGroupError, TPVerifierGroup
 from specfleet.verifiers.verifier import Verifier
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength, expected_speedup
+from specfleet.policy.draft_length import AdaptiveDraftLength, FixedDraftLength, expected_speedup
 
 
 def test_expected_speedup_formula():

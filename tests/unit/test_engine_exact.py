@@ -18,9 +18,9 @@ from specfleet.drafters.base import Drafter
 from specfleet.drafters.model_drafter import ModelDrafter
 from specfleet.drafters.ngram import NgramDrafter
 from specfleet.drafters.suffix_tree import SuffixTreeDrafter
-from specfleet.engine.draft_policy import AdaptiveDraftLength, FixedDraftLength
 from specfleet.engine.engine import SpecEngine
 from specfleet.models.llama_runner import LlamaRunner
+from specfleet.policy.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specfleet.verifiers.verifier import Verifier
 
 torch.set_num_threads(1)

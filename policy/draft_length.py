@@ -1,7 +1,10 @@
 """How many tokens to draft per request per round (policy only, no mechanism).
 
 Where it sits: before each round the engine asks the policy for every request's
-window; after verification it reports what was accepted. Windows only choose *what*
+window; after verification it reports what was accepted and how long drafting and
+verifying took. Every call is told the time (``now_ns``) and, for windows, a
+``LoadSnapshot``; the policy never reads a clock, so it runs unchanged on a simulated
+one. Windows only choose *what*
 is proposed; they can never change the output, which the accept rule fixes.
 
 ``AdaptiveDraftLength`` picks the window that maximises expected committed tokens
@@ -17,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from specfleet.core.load import LoadSnapshot
+
 
 class DraftLengthPolicy(Protocol):
-    def window(self, request_id: str) -> int: ...
+    def window(self, request_id: str, *, now_ns: int = 0, load: LoadSnapshot | None = None) -> int: ...
 
-    def observe(self, request_id: str, drafted: int, accepted: int) -> None: ...
+    def observe(self, request_id: str, drafted: int, accepted: int, *, now_ns: int = 0) -> None: ...
 
-    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None: ...
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float, *, now_ns: int = 0) -> None: ...
 
     def forget(self, request_id: str) -> None: ...
 
@@ -32,13 +37,13 @@ class DraftLengthPolicy(Protocol):
 class FixedDraftLength:
     length: int
 
-    def window(self, request_id: str) -> int:
+    def window(self, request_id: str, *, now_ns: int = 0, load: LoadSnapshot | None = None) -> int:
         return self.length
 
-    def observe(self, request_id: str, drafted: int, accepted: int) -> None:
+    def observe(self, request_id: str, drafted: int, accepted: int, *, now_ns: int = 0) -> None:
         pass
 
-    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None:
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float, *, now_ns: int = 0) -> None:
         pass
 
     def forget(self, request_id: str) -> None:
@@ -60,10 +65,11 @@ class AdaptiveDraftLength:
     smoothing: float = 0.3  # EMA weight of the newest round
     cost_ratio: float = 0.1  # prior c until timings are observed
     probe_every: int = 16  # rounds between one-token probes while speculation is off
+    timing_smoothing: float = 0.2  # EMA weight of the newest draft/verify timing
     _alpha: dict[str, float] = field(default_factory=dict)
     _rounds_off: dict[str, int] = field(default_factory=dict)
 
-    def window(self, request_id: str) -> int:
+    def window(self, request_id: str, *, now_ns: int = 0, load: LoadSnapshot | None = None) -> int:
         alpha = self._alpha.get(request_id, self.initial_alpha)
         best = max(range(self.max_length + 1), key=lambda g: expected_speedup(alpha, g, self.cost_ratio))
         if best > 0:
@@ -74,7 +80,7 @@ class AdaptiveDraftLength:
         rounds = self._rounds_off[request_id] = self._rounds_off.get(request_id, 0) + 1
         return 1 if self.cost_ratio < 0.5 or rounds % self.probe_every == 0 else 0
 
-    def observe(self, request_id: str, drafted: int, accepted: int) -> None:
+    def observe(self, request_id: str, drafted: int, accepted: int, *, now_ns: int = 0) -> None:
         if drafted <= 0:
             return
         # A window of γ with a accepted tokens: estimate per-token α as the fraction of
@@ -84,9 +90,10 @@ class AdaptiveDraftLength:
         old = self._alpha.get(request_id, self.initial_alpha)
         self._alpha[request_id] = (1 - self.smoothing) * old + self.smoothing * rate
 
-    def observe_timing(self, draft_ns_per_token: float, verify_ns: float) -> None:
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float, *, now_ns: int = 0) -> None:
         if verify_ns > 0 and draft_ns_per_token > 0:
-            self.cost_ratio = 0.8 * self.cost_ratio + 0.2 * (draft_ns_per_token / verify_ns)
+            w = self.timing_smoothing
+            self.cost_ratio = (1 - w) * self.cost_ratio + w * (draft_ns_per_token / verify_ns)
 
     def forget(self, request_id: str) -> None:
         self._alpha.pop(request_id, None)

@@ -1,0 +1,60 @@
+"""One place where a config becomes policies, for every composition root.
+
+Where it sits: ``engine/builder.py`` (in-process engine and actors), the Ray runtime
+(``cluster/runtime.py``) and benchmarks call ``build_policies`` with a
+``SpecFleetConfig``; before this the router and the window policy were built
+separately in each of them, with their constants in code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from specfleet.core.config import SpecFleetConfig
+from specfleet.policy.draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
+from specfleet.policy.routing import DrafterProfile, ExpertiseRouter, RouterPriors
+
+
+@dataclass
+class Policies:
+    router: ExpertiseRouter | None  # None: router.policy is ``fixed``
+    default_drafter: str  # serves requests without a preference when there is no router
+    draft_length: DraftLengthPolicy
+
+
+def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
+    sched = cfg.scheduler
+    if not sched.adaptive:
+        return FixedDraftLength(sched.draft_length)
+    return AdaptiveDraftLength(
+        max_length=sched.max_draft_length,
+        initial_alpha=sched.initial_alpha,
+        smoothing=sched.alpha_smoothing,
+        cost_ratio=sched.cost_ratio_prior,
+        probe_every=sched.probe_every,
+        timing_smoothing=sched.timing_smoothing,
+    )
+
+
+def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> ExpertiseRouter | None:
+    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter)."""
+    rc = cfg.router
+    if rc.policy != "expertise":
+        return None
+    return ExpertiseRouter(
+        [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
+        exploration=rc.exploration,
+        decode=decode,
+        seed=rc.seed,
+        smoothing=rc.smoothing,
+        priors=RouterPriors(rc.prior_specialist, rc.prior_general, rc.prior_other),
+    )
+
+
+def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> Policies:
+    return Policies(
+        router=build_router(cfg, decode),
+        default_drafter=cfg.router.default_drafter or cfg.drafters[0].name,
+        draft_length=build_draft_length(cfg),
+    )
