@@ -7,8 +7,10 @@ token ids are only meaningful to the target if both share one vocabulary. Nothin
 here runs per request.
 
 A model path (``models.target``, ``drafters[i].model`` in a config) is either a local
-Hugging Face checkpoint directory or ``zoo:<size>/<name>``, a model of SpecFleet's own
-zoo, built into the cache on first use (see docs/zoo.md). Loading is always
+Hugging Face checkpoint directory or ``<scheme>:<rest>`` for a registered resolver:
+``zoo:<size>/<name>`` names a model of SpecFleet's own zoo, built into the cache on
+first use (see docs/zoo.md). Resolvers come from the ``specfleet.model_resolvers``
+entry-point group (or ``register_resolver``), so this module never imports the zoo. Loading is always
 ``local_files_only``: these machines never download, and a typo should fail at once,
 naming the config key, instead of trying the Hub.
 """
@@ -16,6 +18,8 @@ naming the config key, instead of trying the Hub.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +28,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ZOO_PREFIX = "zoo:"
+# scheme → resolve(spec, *, config_key, build) -> Path; raises ValueError with a reason.
+Resolver = Callable[..., Path]
+_RESOLVERS: dict[str, Resolver] = {}
+RESOLVER_GROUP = "specfleet.model_resolvers"
+
 
 
 class ModelPathError(FileNotFoundError):
@@ -35,23 +43,22 @@ class VocabularyMismatchError(ValueError):
     """A drafter's vocabulary differs from the target's."""
 
 
-def parse_zoo_spec(spec: str) -> tuple[str, str] | None:
-    """``"zoo:small/drafter-code"`` -> ``("small", "drafter-code")``; None for a plain path.
+def register_resolver(scheme: str, resolver: Resolver) -> None:
+    """Make ``<scheme>:...`` model paths resolve through ``resolver``."""
+    _RESOLVERS[scheme] = resolver
 
-    Raises ValueError for a malformed zoo spec (unknown size or model name).
-    """
-    if not spec.startswith(ZOO_PREFIX):
+
+def resolver_for(spec: str) -> Resolver | None:
+    """The resolver of ``spec``'s scheme, from the registry or the entry points; None
+    for a plain path (no scheme, or one nothing resolves)."""
+    scheme, sep, _ = spec.partition(":")
+    if not sep or not scheme.isidentifier():
         return None
-    from specfleet.zoo.presets import MODEL_NAMES, SIZES
-
-    size, sep, name = spec[len(ZOO_PREFIX):].partition("/")
-    names = (*MODEL_NAMES, "tokenizer")  # the shared tokenizer has its own directory
-    if not sep or size not in SIZES or name not in names:
-        raise ValueError(
-            f"{spec!r}: a zoo model is zoo:<size>/<name> with size one of {', '.join(SIZES)} "
-            f"and name one of {', '.join(names)}"
-        )
-    return size, name
+    if scheme not in _RESOLVERS:
+        for ep in entry_points(group=RESOLVER_GROUP, name=scheme):
+            _RESOLVERS[scheme] = ep.load()
+            break
+    return _RESOLVERS.get(scheme)
 
 
 def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bool = True,
@@ -64,26 +71,12 @@ def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bo
     ``tokenizer_only`` a directory holding just a tokenizer is enough.
     """
     text = str(spec)
-    try:
-        parsed = parse_zoo_spec(text)
-    except ValueError as exc:
-        raise ModelPathError(f"{config_key}: {exc}") from None
-    if parsed is not None:
-        size, name = parsed
-        from specfleet.zoo.presets import read_manifest, zoo_dir
-
-        root = zoo_dir(size)
-        if read_manifest(root) is None:
-            if not build:
-                raise ModelPathError(
-                    f"{config_key}: {text!r}: the {size} zoo is not built at {root}; "
-                    f"run `specfleet zoo build --size {size}`"
-                )
-            from specfleet.zoo.build import build_zoo
-
-            logger.info("%s: %s is not built yet; building the %s zoo", config_key, text, size)
-            root = build_zoo(size, progress=True)
-        path = root / name
+    resolver = resolver_for(text)
+    if resolver is not None:
+        try:
+            path = Path(resolver(text, config_key=config_key, build=build))
+        except ValueError as exc:
+            raise ModelPathError(f"{config_key}: {exc}") from None
     else:
         path = Path(text).expanduser()
     if not path.is_dir():

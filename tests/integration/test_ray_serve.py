@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from specfleet.cluster.testing import (
+from specfleet.testing.cluster_rigs import (
     read_until,
     tiny_config_dict,
     token_auth_env,

@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specfleet.cluster.testing import tiny_config_dict, token_auth, write_config, write_tiny_models
 from specfleet.core.config import load_config
 from specfleet.core.types import SamplingParams
+from specfleet.testing.cluster_rigs import (
+    tiny_config_dict,
+    token_auth,
+    write_config,
+    write_tiny_models,
+)
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")

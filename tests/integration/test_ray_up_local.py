@@ -9,7 +9,7 @@ one greedy generation through the SDK must equal the target's own greedy output.
 ``ray down`` must then leave no process behind.
 
 What the machine needs is installed here when missing (openssh-server, rsync, via
-apt-get as root); ``specfleet.cluster.ssh_loopback`` runs a throwaway sshd (own keys,
+apt-get as root); ``specfleet.testing.ssh_loopback`` runs a throwaway sshd (own keys,
 127.0.0.2/127.0.0.3 only) in PID and mount namespaces of its own, so ``ray down``'s
 machine-wide ``ray stop`` only sees this cluster and the real home is not written.
 A lock file serialises concurrent runs (port 22 on those addresses is one resource).
@@ -119,7 +119,7 @@ def _remove_client_state(cluster_name: str) -> None:
 @pytest.fixture
 def loopback():
     """A running loopback sshd and a short temp root (Unix socket paths stay short)."""
-    from specfleet.cluster.ssh_loopback import LoopbackSSHD, ensure_tools, port_free
+    from specfleet.testing.ssh_loopback import LoopbackSSHD, ensure_tools, port_free
 
     if os.geteuid() != 0:
         pytest.skip("needs root: apt-get install and an sshd on port 22 of 127.0.0.2/.3")
@@ -162,14 +162,14 @@ def test_ray_up_deploys_specfleet_then_ray_down_leaves_nothing(loopback):
     from transformers import AutoModelForCausalLM
 
     from specfleet.client import Client
-    from specfleet.cluster.ssh_loopback import free_port
-    from specfleet.cluster.testing import (
+    from specfleet.testing.cluster_rigs import (
         read_until,
         tiny_config_dict,
         token_auth_env,
         write_config,
         write_tiny_models,
     )
+    from specfleet.testing.ssh_loopback import free_port
 
     sshd, root = loopback
     token = token_auth_env(root)

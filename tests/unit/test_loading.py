@@ -15,9 +15,11 @@ from specfleet.models.loading import (
     check_same_vocabulary,
     load_causal_lm,
     load_tokenizer,
-    parse_zoo_spec,
+    register_resolver,
     resolve_model_path,
+    resolver_for,
 )
+from specfleet.zoo.resolver import parse_zoo_spec
 
 
 def _tokenizer(words: list[str]):
@@ -58,6 +60,27 @@ def test_parse_zoo_spec():
     assert parse_zoo_spec("zoo:tiny/tokenizer") == ("tiny", "tokenizer")
     assert parse_zoo_spec("/models/llama") is None
     assert parse_zoo_spec("zoo-like/dir") is None
+
+
+def test_zoo_resolver_comes_from_the_entry_point():
+    from specfleet.zoo import resolver
+
+    assert resolver_for("zoo:tiny/target") is resolver.resolve
+    assert resolver_for("/models/llama") is None
+    assert resolver_for("no-such-scheme:x") is None  # a plain path that happens to hold ':'
+
+
+def test_registered_resolver_is_used(tmp_path):
+    def resolve(spec, *, config_key, build):
+        if spec.endswith("missing"):
+            raise ValueError("no such thing")
+        return tmp_path
+
+    register_resolver("testscheme", resolve)
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path("testscheme:x") == tmp_path
+    with pytest.raises(ModelPathError, match="models.target: no such thing"):
+        resolve_model_path("testscheme:missing", config_key="models.target")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ own compute time, so
 
 A second run with no-compute fakes (``testing.FakeDrafter``/``FakeVerifier``) gives
 the pure control cost of a round.
-Run: ``python -m specfleet.cluster.overhead [--mode compiled|chained|sequential] [--fake]``.
+Run: ``python -m specfleet.benchmarks.overhead [--mode compiled|chained|sequential] [--fake]``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
     sampling = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     prompts = _prompts(batch, 12)
     if fake:
-        from specfleet.cluster.testing import FakeDrafter, FakeVerifier
+        from specfleet.testing.cluster_rigs import FakeDrafter, FakeVerifier
 
         dfac = {d.name: FakeDrafter for d in cfg.drafters}
         vfac = FakeVerifier
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             cfg = load_config(args.config)
         else:
-            from specfleet.cluster.testing import tiny_config_dict, write_config, write_tiny_models
+            from specfleet.testing.cluster_rigs import (
+                tiny_config_dict,
+                write_config,
+                write_tiny_models,
+            )
 
             cfg = load_config(write_config(f"{tmp}/cfg.yaml", tiny_config_dict(write_tiny_models(tmp))))
         import ray
