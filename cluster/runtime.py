@@ -34,10 +34,11 @@ from specfleet.core.config import ClusterConfig, SpecFleetConfig
 from specfleet.core.stats import RoundTiming
 from specfleet.core.types import DraftProposal
 from specfleet.engine.engine import SpecEngine
-from specfleet.policy.factory import build_draft_length, build_router
+from specfleet.policy.factory import build_draft_length, build_router, default_drafter
 from specfleet.router.backend import BackendInfo, EngineBackend
 
 logger = logging.getLogger(__name__)
+_CLUSTER_DEFAULTS = ClusterConfig()  # the config's defaults, for engines built without one
 
 
 class ActorSpecEngine(SpecEngine):
@@ -57,13 +58,15 @@ class ActorSpecEngine(SpecEngine):
     """
 
     def __init__(self, *args, concurrent_drafts: bool = True, compiled_graph: bool = True,
-                 compiled_graph_max_drafters: int = 1, **kwargs):
+                 compiled_graph_max_drafters: int = 1,
+                 compile_after_rounds: int = _CLUSTER_DEFAULTS.compile_after_rounds,
+                 compile_min_rounds_left: int = _CLUSTER_DEFAULTS.compile_min_rounds_left, **kwargs):
         super().__init__(*args, **kwargs)
         self.concurrent_drafts = concurrent_drafts
         self.compiled_graph = compiled_graph and concurrent_drafts
         self.compiled_graph_max_drafters = compiled_graph_max_drafters
-        self.compile_min_rounds_left = ClusterConfig().compile_min_rounds_left
-        self.compile_after_rounds = ClusterConfig().compile_after_rounds
+        self.compile_min_rounds_left = compile_min_rounds_left
+        self.compile_after_rounds = compile_after_rounds
         self.timings: deque[RoundTiming] = deque(maxlen=4096)
         self.compiled_rounds = 0  # rounds that ran through a compiled graph
         self._draft_ns = 0
@@ -273,13 +276,13 @@ class RayRuntime:
             raise
         self.engine = ActorSpecEngine(
             self.verifier, self.drafters, draft_policy=build_draft_length(cfg),
-            default_drafter=cfg.router.default_drafter or cfg.drafters[0].name,
+            default_drafter=default_drafter(cfg),
             max_batch_size=slots, concurrent_drafts=concurrent_drafts,
             compiled_graph=cfg.cluster.compiled_graph if compiled_graph is None else compiled_graph,
             compiled_graph_max_drafters=cfg.cluster.compiled_graph_max_drafters,
+            compile_after_rounds=cfg.cluster.compile_after_rounds,
+            compile_min_rounds_left=cfg.cluster.compile_min_rounds_left,
         )
-        self.engine.compile_after_rounds = cfg.cluster.compile_after_rounds
-        self.engine.compile_min_rounds_left = cfg.cluster.compile_min_rounds_left
 
     @classmethod
     def start(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayRuntime:

@@ -52,9 +52,14 @@ def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None
     )
 
 
+def default_drafter(cfg: SpecFleetConfig) -> str:
+    """The drafter serving requests without a preference when nothing routes them."""
+    return cfg.router.default_drafter or cfg.drafters[0].name
+
+
 def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> Policies:
     return Policies(
         router=build_router(cfg, decode),
-        default_drafter=cfg.router.default_drafter or cfg.drafters[0].name,
+        default_drafter=default_drafter(cfg),
         draft_length=build_draft_length(cfg),
     )
