@@ -1,8 +1,9 @@
-"""Speculation statistics: per request, and where a round's time went.
+"""Speculation statistics: per request, and per round across the whole fleet.
 
-Where it sits: the engine (``engine/engine.py``) folds every verify result into
+Where it sits: the engine (``engine/engine.py``) folds every verify reply into
 the request's ``RequestStats`` (returned with the output, and in the last stream
-chunk). The Ray runtime reports where a round's time went as ``RoundTiming``.
+chunk) and into one fleet-wide ``SpecDecodingStats`` (read by benchmarks, logs and,
+later, Prometheus). Executors report where a round's time went as ``RoundTiming``.
 
 Vocabulary (vLLM's): a round *drafts* tokens along its longest path, *accepts* a
 prefix of them and always emits one more (*recovered* at the first rejection or
@@ -58,6 +59,52 @@ class RequestStats:
         _count_positions(self.position_drafted, self.position_accepted, drafted, accepted)
         if drafter and drafted:
             self.drafters[drafter] += 1
+
+
+@dataclass
+class Counts:
+    """Draft/accept/emit counters of one slice of traffic (a drafter, a domain, a group)."""
+
+    rounds: int = 0  # request-rounds (one request verified once)
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    def add(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.emitted += emitted
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class SpecDecodingStats:
+    """Fleet-wide counters since start, updated once per request per round (vLLM's
+    ``SpecDecodingStats`` with SpecFleet's labels: drafter, domain, verifier group)."""
+
+    verify_rounds: int = 0  # verify calls (one forward pass of one group)
+    position_drafted: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+    per_drafter: dict[str, Counts] = field(default_factory=dict)  # "" = undrafted rounds
+    per_domain: dict[str, Counts] = field(default_factory=dict)
+    per_group: dict[int, Counts] = field(default_factory=dict)
+    draft_failures: Counter = field(default_factory=Counter)  # drafter → failed calls
+    verify_failures: Counter = field(default_factory=Counter)  # group → failed calls
+
+    def observe(self, *, drafter: str, domain: str, group: int, drafted: int, accepted: int,
+                emitted: int) -> None:
+        _count_positions(self.position_drafted, self.position_accepted, drafted, accepted)
+        self.per_drafter.setdefault(drafter, Counts()).add(drafted, accepted, emitted)
+        self.per_domain.setdefault(domain, Counts()).add(drafted, accepted, emitted)
+        self.per_group.setdefault(group, Counts()).add(drafted, accepted, emitted)
 
 
 @dataclass(frozen=True)

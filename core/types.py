@@ -108,13 +108,18 @@ class DraftProposal:
 
 @dataclass
 class VerifyResult:
-    """What verification committed for one request in one round."""
+    """What the accept rule emitted for one request in one round (the scheduler
+    decides how much of it is committed: a stop or the length cap may cut it)."""
 
     request_id: str
-    emitted: list[int]  # accepted draft tokens then one recovered/bonus token (may be cut by a stop)
+    emitted: list[int]  # accepted draft tokens then one recovered/bonus token; [] if not verified
     num_accepted: int  # draft tokens accepted (excludes the recovered/bonus token)
     num_drafted: int  # draft tokens proposed along the longest path considered
     accepted_nodes: list[int]  # indices into the proposal's nodes, root to leaf
-    finish_reason: FinishReason | None = None  # set when the request is complete
     forward_ns: int = 0  # time of the target forward pass this round (shared by the batch)
-    queue_ns: int = 0  # time the request waited before its forward pass
+    queue_ns: int = 0  # time since the request's previous verification
+
+    @classmethod
+    def unverified(cls, request_id: str) -> VerifyResult:
+        """The result of a request the verifier could not check this round."""
+        return cls(request_id, [], 0, 0, [])

@@ -122,7 +122,7 @@ class EngineBackend:
         return self._info
 
     def active_request_ids(self) -> list[str]:
-        return list(self.engine.verifier.active)
+        return self.engine.request_ids
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._closed.is_set():

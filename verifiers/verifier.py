@@ -1,16 +1,23 @@
 """The verifier: checks a batch of draft proposals against the target in one forward pass.
 
-Where it sits: every speculation round, after drafters propose, the engine (or the
-verifier-group actor in the distributed runtime) calls ``verify`` with one
-``DraftProposal`` per request. One ``LlamaRunner.forward`` scores every request's
-pending committed token(s) plus all its draft nodes (chains or trees); the exact
-accept rule (``acceptance.py``) picks what to emit; ``StopChecker`` cuts the window
-at EOS, a stop sequence or max_new_tokens; the KV cache keeps exactly the committed
-tokens (truncated for chains, compacted for trees).
+Where it sits: the scheduler (``engine/scheduler.py``) plans a round; the executor
+(in-process, or the verifier-group actor on Ray) calls ``verify`` with one
+``VerifyCall`` per request of the group and the round's drafter replies. One
+``LlamaRunner.forward`` scores every request's pending committed token(s) plus all
+its draft nodes (chains or trees); the exact accept rule (``acceptance.py``) picks
+what to emit. The verifier does not decide what is committed — the scheduler applies
+the stop rule and length cap — so it follows the same position contract as drafters:
 
-Invariant per request: the runner's cache holds ``tokens[:-1]``; the last committed
-token is *pending* and is fed, followed by the drafts, in the next round. A
-proposal may be empty: then the round is one plain autoregressive step.
+- each call says where its view of the request is truncated (``position``) and
+  which committed tokens follow (``new_tokens``: the prompt the first time, then the
+  tokens committed since, which include the ones this verifier emitted);
+- the KV cache keeps the longest prefix of what it holds that still agrees with the
+  committed sequence (so an accepted window costs nothing to re-send, a cut window
+  is rolled back, and a request re-sent from position 0 after a failure reuses what
+  is still valid); the last committed token is always *pending* and fed, followed by
+  the drafts, in the next forward — prefill is simply a long pending run.
+
+A proposal may be empty: then the round is one plain autoregressive step.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ import numpy as np
 import torch
 
 from specfleet.core.sampling import make_generator
-from specfleet.core.stopping import StopChecker
-from specfleet.core.types import ROOT, DraftProposal, FinishReason, SamplingParams, VerifyResult
+from specfleet.core.types import ROOT, DraftProposal, SamplingParams, VerifyResult
+from specfleet.core.workers import DraftReply, VerifyCall, VerifyReply
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
 from specfleet.verifiers.acceptance import accept_greedy, accept_sampled
 
@@ -35,20 +42,19 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Request:
     sampling: SamplingParams
-    prompt_len: int
-    tokens: list[int]  # prompt + generated (committed)
-    stop: StopChecker
-    generator: torch.Generator | None
-    submitted_ns: int = field(default_factory=time.perf_counter_ns)
-    finish_reason: FinishReason | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.prompt_len :]
+    generator: torch.Generator | None  # the request's random stream (sampled requests)
+    tokens: list[int] = field(default_factory=list)  # the committed sequence, as told
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V the runner holds, in order
+    last_verified_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 class Verifier:
-    """Owns the target runner and every request's committed state."""
+    """Owns the target runner and, per request, the KV cache and random stream.
+
+    ``eos_token_ids`` and ``decode`` describe the target's vocabulary; the verifier
+    does not use them (the scheduler applies the stop rule), it carries them so the
+    engine built around it knows the target's EOS and text.
+    """
 
     def __init__(
         self,
@@ -58,45 +64,15 @@ class Verifier:
         decode: Callable[[list[int]], str] | None = None,
     ):
         self.runner = runner
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self._requests: dict[str, _Request] = {}
 
     # ---- request lifecycle ----------------------------------------------------------
-    def add_requests(self, requests: Sequence[tuple[str, list[int], SamplingParams]]) -> None:
-        """Admit requests and prefill their prompts (all but the last token) together."""
-        items = []
-        for request_id, prompt, sampling in requests:
-            if request_id in self._requests:
-                raise ValueError(f"request {request_id!r} is already active")
-            if not prompt:
-                raise ValueError(f"request {request_id!r}: empty prompt")
-            sampling.validate()
-            bad = [t for t in prompt if not 0 <= t < self.runner.vocab_size]
-            if bad:
-                raise ValueError(f"request {request_id!r}: token id {bad[0]} outside the vocabulary")
-            if len(prompt) + sampling.max_new_tokens > self.runner.max_seq_len:
-                raise ValueError(
-                    f"request {request_id!r}: prompt ({len(prompt)}) + max_new_tokens "
-                    f"({sampling.max_new_tokens}) exceeds the context ({self.runner.max_seq_len})"
-                )
-            generator = None if sampling.greedy else make_generator(sampling.seed)
-            stop = StopChecker(sampling, self.eos_token_ids, self.decode)
-            self.runner.allocate(request_id)
-            self._requests[request_id] = _Request(sampling, len(prompt), list(prompt), stop, generator)
-            if len(prompt) > 1:
-                items.append(ForwardItem(request_id, list(prompt[:-1]), logit_rows=[]))
-        self.runner.forward(items)
-
     def release(self, request_id: str) -> None:
+        """Free the request's KV slot; unknown ids are ignored."""
         self._requests.pop(request_id, None)
         self.runner.free(request_id)
-
-    def tokens(self, request_id: str) -> list[int]:
-        return list(self._requests[request_id].tokens)
-
-    def generated(self, request_id: str) -> list[int]:
-        return list(self._requests[request_id].generated)
 
     def has(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -105,67 +81,101 @@ class Verifier:
     def active(self) -> list[str]:
         return list(self._requests)
 
+    def _sync(self, call: VerifyCall) -> _Request | None:
+        """Apply the call's position contract; None if the call assumes state this
+        verifier does not have (a replaced actor): the scheduler re-sends it whole."""
+        req = self._requests.get(call.request_id)
+        if req is None:
+            if call.position > 0:
+                return None
+            call.sampling.validate()
+            self.runner.allocate(call.request_id)
+            generator = None if call.sampling.greedy else make_generator(call.sampling.seed)
+            req = self._requests[call.request_id] = _Request(call.sampling, generator)
+        if call.position > len(req.tokens):
+            return None
+        del req.tokens[call.position :]
+        req.tokens.extend(call.new_tokens)
+        if not req.tokens:
+            raise ValueError(f"request {call.request_id!r}: empty prompt")
+        bad = [t for t in call.new_tokens if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise ValueError(f"request {call.request_id!r}: token id {bad[0]} outside the vocabulary")
+        if len(req.tokens) > self.runner.max_seq_len:
+            raise ValueError(f"request {call.request_id!r}: {len(req.tokens)} tokens exceed the "
+                             f"context ({self.runner.max_seq_len})")
+        # Keep the cached prefix that still matches, but never the last committed
+        # token: it is fed again so its logits score the first draft. Everything
+        # before ``position`` matched when it was told, so comparing starts there.
+        limit = min(len(req.cached), len(req.tokens) - 1)
+        keep = min(call.position, limit)
+        while keep < limit and req.cached[keep] == req.tokens[keep]:
+            keep += 1
+        if keep < len(req.cached):
+            self.runner.truncate(call.request_id, keep)
+            del req.cached[keep:]
+        return req
+
     # ---- one round ----------------------------------------------------------------
-    def verify(self, proposals: Sequence[DraftProposal]) -> list[VerifyResult]:
-        """Score all proposals in one forward pass and commit what the accept rule emits."""
+    def verify(self, calls: Sequence[VerifyCall], drafts: Sequence[DraftReply] = ()) -> VerifyReply:
+        """Score every call's draft in one forward pass; return what the accept rule emits.
+
+        A call without its own ``proposal`` takes its request's proposal from
+        ``drafts`` (the round's drafter replies), or verifies without drafts.
+        """
         start = time.perf_counter_ns()
-        items, pending_counts, checked = [], [], []
-        for proposal in proposals:
-            req = self._requests[proposal.request_id]
-            if req.finish_reason is not None:
-                raise ValueError(f"request {proposal.request_id!r} is already finished")
-            pending = req.tokens[self.runner.length(proposal.request_id) :]
-            n_pending = len(pending)
+        drafted = {p.request_id: p for reply in drafts for p in reply.proposals}
+        items, work, unknown = [], [], []
+        for call in calls:
+            req = self._sync(call)
+            if req is None:
+                unknown.append(call.request_id)
+                continue
+            proposal = call.proposal if call.proposal is not None else drafted.get(call.request_id)
+            proposal = proposal if proposal is not None else DraftProposal.empty(call.request_id)
             room = self.runner.max_seq_len - len(req.tokens)  # cache slots left for drafts
             if len(proposal) > room:
                 # Parents precede children, so a prefix of the nodes is still a valid tree.
                 proposal = _trim(proposal, max(0, room))
-            checked.append(proposal)
+            pending = req.tokens[len(req.cached) :]
+            n_pending = len(pending)
             parents = list(range(-1, n_pending - 1))
             parents += [n_pending - 1 if p == ROOT else n_pending + p for p in proposal.parents]
             rows = [n_pending - 1] + [n_pending + i for i in range(len(proposal))]
-            items.append(ForwardItem(proposal.request_id, pending + list(proposal.tokens), parents, rows))
-            pending_counts.append(n_pending)
-        all_logits = self.runner.forward(items)  # per request [N+1, V]
+            items.append(ForwardItem(call.request_id, pending + list(proposal.tokens), parents, rows))
+            work.append((call.request_id, req, proposal, pending))
+        all_logits = self.runner.forward(items) if items else []  # per request [N+1, V]
         forward_ns = time.perf_counter_ns() - start
 
-        results = []
-        for proposal, logits, n_pending in zip(checked, all_logits, pending_counts):
-            rid = proposal.request_id
-            req = self._requests[rid]
-            base = self.runner.length(rid) - n_pending - len(proposal)
+        results = {}
+        for (rid, req, proposal, pending), logits in zip(work, all_logits):
             if req.sampling.greedy:
                 outcome = accept_greedy(logits, proposal.tokens, proposal.parents)
             else:
                 outcome = accept_sampled(
-                    logits,
-                    proposal.tokens,
-                    proposal.parents,
-                    req.sampling,
-                    req.generator,
+                    logits, proposal.tokens, proposal.parents, req.sampling, req.generator,
                     _draft_probs(proposal),
                 )
-            committed, finish = req.stop.commit(req.generated, outcome.emitted)
-            req.tokens.extend(committed)
-            req.finish_reason = finish
-            # Cache keeps pending tokens + accepted nodes; the newest emitted token is pending.
+            # The cache keeps the pending tokens and the accepted path; the newest
+            # emitted token becomes pending.
+            n_pending = len(pending)
+            base = len(req.cached)
             keep = list(range(n_pending)) + [n_pending + node for node in outcome.accepted_nodes]
             self.runner.compact(rid, base, keep)
-            accepted = min(len(outcome.accepted_nodes), len(committed))
-            results.append(
-                VerifyResult(
-                    request_id=rid,
-                    emitted=committed,
-                    num_accepted=accepted,
-                    num_drafted=_path_length(proposal.parents),
-                    accepted_nodes=outcome.accepted_nodes[:accepted],
-                    finish_reason=finish,
-                    forward_ns=forward_ns,
-                    queue_ns=max(0, start - req.submitted_ns),
-                )
+            req.cached.extend(pending)
+            req.cached.extend(proposal.tokens[node] for node in outcome.accepted_nodes)
+            results[rid] = VerifyResult(
+                request_id=rid,
+                emitted=list(outcome.emitted),
+                num_accepted=len(outcome.accepted_nodes),
+                num_drafted=_path_length(proposal.parents),
+                accepted_nodes=list(outcome.accepted_nodes),
+                forward_ns=forward_ns,
+                queue_ns=max(0, start - req.last_verified_ns),
             )
-            req.submitted_ns = time.perf_counter_ns()
-        return results
+            req.last_verified_ns = time.perf_counter_ns()
+        ordered = [results.get(c.request_id) or VerifyResult.unverified(c.request_id) for c in calls]
+        return VerifyReply(ordered, time.perf_counter_ns() - start, tuple(unknown))
 
 
 def _trim(proposal: DraftProposal, n: int) -> DraftProposal:

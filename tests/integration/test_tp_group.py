@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specfleet.core.types import DraftProposal, SamplingParams
+from specfleet.core.workers import VerifyCall
 from specfleet.drafters.base import Drafter
 from specfleet.drafters.model_drafter import ModelDrafter
 from specfleet.engine.engine import SpecEngine
@@ -166,7 +167,7 @@ def test_killed_rank_fails_the_group_fast(target):
         assert error.rank == 1 and "rank 1" in str(error) and "SIGKILL" in str(error)
         assert elapsed < 15
         with pytest.raises(TPGroupError, match="unusable.*SIGKILL"):  # stays failed, at once
-            group.add_requests([("later", [1, 2, 3], SamplingParams())])
+            group.verify([VerifyCall("later", 0, [1, 2, 3], SamplingParams())])
     finally:
         group.close()
 

@@ -163,9 +163,12 @@ def test_bad_requests_rejected(target):
         engine.submit([1, 2], drafter="nope")
     with pytest.raises(ValueError, match="temperature"):
         engine.submit([1, 2], SamplingParams(temperature=-1.0))
-    engine.submit([VOCAB + 5], SamplingParams(max_new_tokens=2))
+    # Rejected at submit (was: at the first round), so it never takes a batch slot.
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        engine.step()
+        engine.submit([VOCAB + 5], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        engine.submit([1, 2], SamplingParams(max_new_tokens=10_000))
+    assert not engine.has_work
 
 
 # ---- sampling ---------------------------------------------------------------------------

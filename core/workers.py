@@ -1,0 +1,156 @@
+"""The contracts between the scheduler and whatever runs its actions.
+
+Where it sits: ``engine/scheduler.py`` plans a round as a ``RoundPlan`` (one per
+verifier group): what each drafter is asked, and what the group's verifier checks.
+An executor — in-process (``engine/executor.py``), Ray actors (``cluster/``), or a
+simulated clock (``sim/``) — runs the plan and answers a ``RoundOutcome``, which the
+scheduler consumes as events. Only ids, token deltas, proposals and timings cross
+this boundary; tensors and KV caches stay inside the workers.
+
+The position contract (drafters and verifiers alike): each call says where the
+worker's view of the request must be truncated (``position``, a committed length)
+and which committed tokens follow (``new_tokens``). A worker keeps its own
+per-request state (a KV cache, an index) and never needs more than that delta —
+which is also how a replaced worker is resynchronised: the scheduler resends from
+position 0. Failures are values (``WorkerFailure``), never exceptions across the seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from specfleet.core.types import DraftProposal, DraftRequest, SamplingParams, VerifyResult
+
+
+class FailureKind(str, Enum):
+    UNAVAILABLE = "unavailable"  # the worker is (re)starting: nothing ran, its state is intact or rebuilt later
+    LOST = "lost"  # the worker died or hung and was replaced: all its per-request state is gone
+    ERROR = "error"  # the call raised inside a live worker: state of the call's requests is suspect
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Why a call has no reply."""
+
+    kind: FailureKind
+    message: str  # one line, for logs (never shown to clients as is)
+
+
+@dataclass(frozen=True)
+class DraftReply:
+    """One drafter's answer for one round."""
+
+    proposals: list[DraftProposal]  # one per call, same order; empty proposals are fine
+    compute_ns: int = 0  # the drafter's own time for the call
+    # Requests the worker held no state for although the call assumed it did (a
+    # restarted actor): their proposals are empty and the scheduler resends them whole.
+    unknown: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyCall:
+    """One request's part of a verify call (the verifier's position contract)."""
+
+    request_id: str
+    position: int  # committed tokens the verifier was told before ``new_tokens``
+    new_tokens: list[int]  # committed tokens since (the whole prompt the first time)
+    sampling: SamplingParams  # the request's decoding parameters (the verifier samples)
+    # The draft to check. None: take it from this round's drafter replies (the
+    # executor may ship those straight from drafter to verifier); no draft = plain step.
+    proposal: DraftProposal | None = None
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    """A verifier group's answer for one round: what the accept rule emitted per
+    request. The scheduler, not the verifier, decides what is committed (stop rule,
+    length cap); a later call's ``position`` tells the verifier what was kept."""
+
+    results: list[VerifyResult]  # one per call, same order
+    compute_ns: int = 0  # the verifier's own time for the call (forward + accept)
+    # Requests the verifier held no state for although the call assumed it did (a
+    # replaced actor): not verified (empty results); the scheduler re-sends them whole.
+    unknown: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One speculation round of one verifier group, as the scheduler planned it."""
+
+    round_id: int  # unique per scheduler; replies are matched to plans by it
+    group: int  # verifier group index
+    drafts: dict[str, list[DraftRequest]]  # drafter name → its calls (requests it drafts for)
+    verify: list[VerifyCall]  # every request of the round, in batch order
+
+
+@dataclass
+class RoundOutcome:
+    """What came back for one ``RoundPlan``; executors fill it, the scheduler reads it."""
+
+    round_id: int
+    group: int
+    drafts: dict[str, DraftReply | WorkerFailure] = field(default_factory=dict)
+    verify: VerifyReply | WorkerFailure | None = None
+    wall_ns: int = 0  # launch → verify reply, as the executor measured it
+    draft_ns: int = 0  # drafting on the critical path (sum if drafters ran one after another)
+    draft_positions: int = 0  # sequential draft positions that took draft_ns (for c = draft/verify)
+
+
+@dataclass(frozen=True)
+class Housekeeping:
+    """Work the scheduler owes the workers once requests end; executors piggy-back it
+    on the next call to each worker (a release costs no round trip of its own)."""
+
+    verifier_releases: dict[int, list[str]]  # group → request ids to free
+    drafter_releases: dict[str, list[str]]  # drafter → request ids to free
+    observed: list[list[int]]  # finished sequences, for drafters that learn across requests
+
+    @property
+    def empty(self) -> bool:
+        return not (any(self.verifier_releases.values()) or any(self.drafter_releases.values())
+                    or self.observed)
+
+
+class DraftWorker(Protocol):
+    """A drafter as the in-process executor sees it."""
+
+    name: str
+
+    def propose(self, calls: Sequence[DraftRequest]) -> Future[DraftReply]: ...
+
+    def release(self, request_ids: Sequence[str]) -> None: ...
+
+    def observe_output(self, tokens: Sequence[int]) -> None: ...
+
+
+class VerifyWorker(Protocol):
+    """A verifier group's leader as the in-process executor sees it."""
+
+    def verify(self, calls: Sequence[VerifyCall], drafts: Sequence[DraftReply]) -> Future[VerifyReply]: ...
+
+    def release(self, request_ids: Sequence[str]) -> None: ...
+
+
+class Executor(Protocol):
+    """Runs plans and reports outcomes; knows nothing of requests beyond the calls."""
+
+    def run_rounds(self, plans: Sequence[RoundPlan]) -> list[RoundOutcome]:
+        """Run every plan (different groups may run side by side) and wait for all."""
+        ...
+
+    def housekeeping(self, work: Housekeeping) -> None: ...
+
+    def idle(self) -> None:
+        """Nothing to run for a while: release what is held between rounds."""
+        ...
+
+
+def completed(value) -> Future:
+    """A future that is already done (in-process workers answer synchronously)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -1,0 +1,160 @@
+"""The engine driver: one loop over the scheduler and an executor.
+
+Where it sits: between whoever submits requests (``specfleet bench engine``, the
+gRPC/HTTP backends in ``router/backend.py``, tests) and the two halves of a round:
+the ``Scheduler`` (``engine/scheduler.py``: request state, stop rule, policies)
+decides, an executor (``engine/executor.py`` in-process, ``cluster/executor.py``
+over Ray actors) runs. The driver is the only place that reads the clock, and it
+tells the scheduler the time with every event — which is why the same scheduler
+runs on a simulated clock.
+
+A step: admit and plan (one ``RoundPlan`` per verifier group with requests), run
+the plans (groups side by side where the executor can), feed the outcomes back,
+hand the scheduler's housekeeping (releases, finished sequences) to the executor,
+and return the requests that finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from specfleet.core.clock import Clock, MonotonicClock
+from specfleet.core.load import LoadSnapshot
+from specfleet.core.serving import GenerationOutput
+from specfleet.core.stats import RoundTiming, SpecDecodingStats
+from specfleet.core.types import SamplingParams
+from specfleet.core.workers import Executor, FailureKind, VerifyReply, WorkerFailure
+from specfleet.engine.scheduler import Scheduler
+from specfleet.policy.routing import ExpertiseRouter
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDriver:
+    """Runs speculative decoding for many requests: a scheduler plus an executor."""
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, *, clock: Clock | None = None):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock or MonotonicClock()
+        self.timings: deque[RoundTiming] = deque(maxlen=4096)  # the latest rounds' timings
+
+    # ---- what servers set after construction -------------------------------------------
+    @property
+    def token_sink(self) -> Callable[[str, list[int]], None] | None:
+        """``token_sink(request_id, tokens)`` gets each round's committed tokens at once."""
+        return self.scheduler.token_sink
+
+    @token_sink.setter
+    def token_sink(self, sink: Callable[[str, list[int]], None] | None) -> None:
+        self.scheduler.token_sink = sink
+
+    @property
+    def router(self) -> ExpertiseRouter | None:
+        return self.scheduler.router
+
+    @property
+    def policy(self):
+        """The draft-length policy."""
+        return self.scheduler.draft_length
+
+    @property
+    def stats(self) -> SpecDecodingStats:
+        """Fleet-wide counters since start: per position, drafter, domain and group."""
+        return self.scheduler.stats
+
+    # ---- requests ------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        drafter: str | None = None,
+        request_id: str | None = None,
+        max_draft_length: int | None = None,
+        route: bool = False,
+    ) -> str:
+        """Queue a request; ``drafter=None`` decodes it without speculation unless
+        ``route`` asks the router (or the default drafter) to pick one. Raises
+        ValueError naming the problem for a request that cannot be served."""
+        return self.scheduler.add(
+            prompt, sampling or SamplingParams(), now_ns=self.clock.now_ns(), drafter=drafter,
+            route=route, request_id=request_id, max_draft_length=max_draft_length,
+        )
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now and free its KV caches; True if it was queued or running."""
+        cancelled = self.scheduler.cancel(request_id, self.clock.now_ns())
+        self._housekeep()
+        return cancelled
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Every queued or running request."""
+        return self.scheduler.request_ids
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def load(self) -> LoadSnapshot:
+        return self.scheduler.load()
+
+    def group_of(self, request_id: str) -> int | None:
+        """The verifier group a running request lives on (None while queued)."""
+        return self.scheduler.group_of(request_id)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        drafter: str | None = None,
+    ) -> list[GenerationOutput]:
+        """Run a batch to completion; outputs in prompt order."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        ids = [self.submit(p, s, drafter=drafter) for p, s in zip(prompts, sampling)]
+        done: dict[str, GenerationOutput] = {}
+        try:
+            while self.has_work:
+                for output in self.step():
+                    done[output.request_id] = output
+        finally:
+            self.idle()
+        return [done[i] for i in ids]
+
+    def step(self) -> list[GenerationOutput]:
+        """One round for every verifier group with requests; returns what finished."""
+        plans = self.scheduler.next_rounds(self.clock.now_ns())
+        if plans:
+            try:
+                outcomes = self.executor.run_rounds(plans)
+            except BaseException as exc:
+                # Nothing of these rounds is committed; the requests resume from their
+                # committed tokens if the caller goes on (servers fail them instead).
+                failure = WorkerFailure(FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
+                for plan in plans:
+                    self.scheduler.on_verify_done(plan.round_id, failure, self.clock.now_ns())
+                raise
+            now = self.clock.now_ns()
+            for outcome in outcomes:
+                self.scheduler.on_round_done(outcome, now)
+                if isinstance(outcome.verify, VerifyReply):
+                    self.timings.append(RoundTiming(outcome.wall_ns, outcome.draft_ns,
+                                                    outcome.verify.compute_ns, outcome.group))
+        self._housekeep()
+        return self.scheduler.drain_finished()
+
+    def idle(self) -> None:
+        """Servers call this when no request has come for a while: the executor
+        releases what it holds between rounds (a compiled graph's polling actors)."""
+        self.executor.idle()
+
+    def _housekeep(self) -> None:
+        work = self.scheduler.take_housekeeping()
+        if not work.empty:
+            self.executor.housekeeping(work)

@@ -1,0 +1,371 @@
+"""The scheduler: owns every request's state and decides what each round does.
+
+Where it sits: between the frontend and the workers. The engine driver
+(``engine/engine.py``) feeds it requests and cancels, asks it for the next rounds,
+hands the resulting ``RoundPlan``s to an executor (in-process, Ray actors, or the
+simulator's simulated workers) and feeds the outcomes back as events. The scheduler
+never calls a worker, never reads a clock (``now_ns`` is passed in) and never sees a
+tensor, which is what lets the same code run against actors, fakes and a simulated
+clock.
+
+What it owns, per request: prompt and committed tokens; the stop rule (EOS, stop
+strings, max_new_tokens — a stop inside an accepted window cuts it there); what each
+drafter and the verifier group have been told (their position contract, so a failed
+or replaced worker is resynchronised by re-sending from position 0); the verifier
+group whose KV holds the request (least loaded at admission); statistics.
+
+What it asks ``policy/``: the router (which drafter serves a request: at admission,
+learning from every round), the draft-length policy (the window, every round), each
+with ``now_ns`` and a ``LoadSnapshot``.
+
+A round of a group: every request of the group is verified once; those with a
+drafter and a window > 0 are drafted for first. Failures are events too: a failed
+draft call means its requests are verified without drafts this round; a failed
+verify call commits nothing and the requests are re-sent from their committed
+tokens to the (possibly replaced) verifier.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from specfleet.core.load import GroupLoad, LoadSnapshot
+from specfleet.core.serving import GenerationOutput
+from specfleet.core.stats import RequestStats, SpecDecodingStats
+from specfleet.core.stopping import StopChecker
+from specfleet.core.types import DraftProposal, DraftRequest, FinishReason, SamplingParams
+from specfleet.core.workers import (
+    DraftReply,
+    FailureKind,
+    Housekeeping,
+    RoundOutcome,
+    RoundPlan,
+    VerifyCall,
+    VerifyReply,
+    WorkerFailure,
+)
+from specfleet.policy.draft_length import DraftLengthPolicy
+from specfleet.policy.routing import ExpertiseRouter
+
+logger = logging.getLogger(__name__)
+
+NO_DOMAIN = "-"  # stats label of requests whose drafter was not chosen by the router
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    drafter: str | None  # who drafts for it; None: plain decoding
+    domain: str  # the router's classification, or NO_DOMAIN
+    routed: bool  # the router chose the drafter (and learns from its rounds)
+    max_draft_length: int | None  # the client's cap on the window
+    stop: StopChecker
+    arrival_ns: int
+    tokens: list[int] = field(default_factory=list)  # prompt + committed
+    group: int | None = None  # verifier group holding its KV, once admitted
+    verifier_seen: int = 0  # committed tokens the group's verifier has been sent
+    drafter_seen: dict[str, int] = field(default_factory=dict)  # drafter → committed tokens sent
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+
+@dataclass
+class _Round:
+    group: int
+    request_ids: list[str]
+    drafter_of: dict[str, str]  # request → drafter asked for it this round
+    draft_calls: dict[str, list[DraftRequest]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        drafters: Sequence[str],
+        draft_length: DraftLengthPolicy,
+        router: ExpertiseRouter | None = None,
+        default_drafter: str | None = None,
+        groups: int = 1,
+        max_batch_size: int = 8,
+        eos_token_ids: Sequence[int] = (),
+        decode: Callable[[list[int]], str] | None = None,
+        vocab_size: int | None = None,
+        max_seq_len: int | None = None,
+        token_sink: Callable[[str, list[int]], None] | None = None,
+    ):
+        """``token_sink(request_id, tokens)`` receives each round's committed tokens as
+        soon as they are committed (streaming servers use it)."""
+        if groups < 1:
+            raise ValueError(f"groups: must be >= 1, got {groups}")
+        self.drafters = list(drafters)
+        self.draft_length = draft_length
+        self.router = router
+        self.default_drafter = default_drafter
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.decode = decode
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.token_sink = token_sink
+        self.stats = SpecDecodingStats()
+        self._waiting: deque[_Request] = deque()
+        self._groups: list[dict[str, _Request]] = [{} for _ in range(groups)]
+        self._by_id: dict[str, _Request] = {}
+        self._rounds: dict[int, _Round] = {}  # in flight, by round id
+        self._busy: set[int] = set()  # groups with a round in flight
+        self._finished: list[GenerationOutput] = []
+        self._verifier_releases: dict[int, list[str]] = {}
+        self._drafter_releases: dict[str, list[str]] = {}
+        self._observed: list[list[int]] = []
+        self._round_ids = itertools.count(1)
+        self._next_id = 0
+
+    # ---- requests ----------------------------------------------------------------------
+    def add(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        now_ns: int,
+        drafter: str | None = None,
+        route: bool = False,
+        request_id: str | None = None,
+        max_draft_length: int | None = None,
+    ) -> str:
+        """Queue a request. ``drafter`` names who drafts; with ``route`` and no drafter
+        the router (or the default drafter) chooses; otherwise it is decoded plainly.
+        Raises ValueError naming the problem for anything that cannot be served."""
+        sampling.validate()
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("prompt: must hold at least one token")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]} outside the vocabulary ({self.vocab_size})")
+        if self.max_seq_len is not None and len(prompt) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({sampling.max_new_tokens}) "
+                             f"exceeds the context ({self.max_seq_len})")
+        if drafter is not None and drafter not in self.drafters:
+            raise ValueError(f"unknown drafter {drafter!r} (known: {', '.join(self.drafters) or 'none'})")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._by_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stop = StopChecker(sampling, self.eos_token_ids, self.decode)
+        domain, routed = NO_DOMAIN, False
+        if drafter is None and route:
+            if self.router is not None:
+                domain, drafter = self.router.route(prompt, now_ns=now_ns, load=self.load())
+                routed = True
+            else:
+                drafter = self.default_drafter
+        req = _Request(request_id, prompt, sampling, drafter, domain, routed, max_draft_length,
+                       stop, now_ns, tokens=list(prompt))
+        req.stats.domain = None if domain == NO_DOMAIN else domain
+        self._waiting.append(req)
+        self._by_id[request_id] = req
+        return request_id
+
+    def cancel(self, request_id: str, now_ns: int) -> bool:
+        """Stop a request now (its workers free it with the next housekeeping); True if
+        it was queued or running. A reply for it still in flight is ignored."""
+        req = self._by_id.get(request_id)
+        if req is None:
+            return False
+        if req.group is None:
+            self._waiting.remove(req)
+            del self._by_id[request_id]
+            return True
+        self._finish(req, FinishReason.CANCELLED)
+        return True
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Every queued or running request."""
+        return [r.request_id for r in self._waiting] + [rid for g in self._groups for rid in g]
+
+    @property
+    def running_ids(self) -> list[str]:
+        return [rid for g in self._groups for rid in g]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or any(self._groups))
+
+    def group_of(self, request_id: str) -> int | None:
+        req = self._by_id.get(request_id)
+        return None if req is None else req.group
+
+    def generated(self, request_id: str) -> list[int]:
+        return list(self._by_id[request_id].generated)
+
+    def load(self) -> LoadSnapshot:
+        users: dict[str, int] = {}
+        for group in self._groups:
+            for req in group.values():
+                if req.drafter is not None:
+                    users[req.drafter] = users.get(req.drafter, 0) + 1
+        return LoadSnapshot(
+            waiting=len(self._waiting),
+            groups=tuple(GroupLoad(len(g), self.max_batch_size) for g in self._groups),
+            drafter_requests=users,
+        )
+
+    # ---- planning -----------------------------------------------------------------------
+    def _admit(self, now_ns: int) -> None:
+        while self._waiting:
+            group = min(range(len(self._groups)), key=lambda g: (len(self._groups[g]), g))
+            if len(self._groups[group]) >= self.max_batch_size:
+                return
+            req = self._waiting.popleft()
+            req.group = group
+            req.stats.verifier_group = group
+            req.stats.queue_ns = now_ns - req.arrival_ns
+            self._groups[group][req.request_id] = req
+
+    def next_rounds(self, now_ns: int) -> list[RoundPlan]:
+        """Admit what fits, then plan one round for every idle group with requests."""
+        self._admit(now_ns)
+        load = self.load()
+        plans = []
+        for group, requests in enumerate(self._groups):
+            if requests and group not in self._busy:
+                plans.append(self._plan(group, requests, now_ns, load))
+        return plans
+
+    def _plan(self, group: int, requests: dict[str, _Request], now_ns: int, load: LoadSnapshot) -> RoundPlan:
+        round_id = next(self._round_ids)
+        drafts: dict[str, list[DraftRequest]] = {}
+        verify, drafter_of = [], {}
+        for rid, req in requests.items():
+            window = 0
+            if req.drafter is not None:
+                # Drafts past max_new_tokens are wasted: the round's bonus token is free.
+                remaining = req.sampling.max_new_tokens - len(req.generated)
+                window = min(self.draft_length.window(rid, now_ns=now_ns, load=load), remaining - 1)
+                if req.max_draft_length is not None:
+                    window = min(window, req.max_draft_length)
+            proposal = None
+            if window > 0:
+                seen = req.drafter_seen.get(req.drafter, 0)
+                drafts.setdefault(req.drafter, []).append(
+                    DraftRequest(rid, seen, req.tokens[seen:], window, req.sampling))
+                req.drafter_seen[req.drafter] = len(req.tokens)
+                drafter_of[rid] = req.drafter
+            else:
+                proposal = DraftProposal.empty(rid)
+            verify.append(VerifyCall(rid, req.verifier_seen, req.tokens[req.verifier_seen :],
+                                     req.sampling, proposal))
+            req.verifier_seen = len(req.tokens)
+        self._rounds[round_id] = _Round(group, list(requests), drafter_of, drafts)
+        self._busy.add(group)
+        return RoundPlan(round_id, group, drafts, verify)
+
+    # ---- events -----------------------------------------------------------------------------
+    def on_round_done(self, outcome: RoundOutcome, now_ns: int) -> None:
+        """Every reply of a round, in order: the drafters', then the verifier's."""
+        for drafter, reply in outcome.drafts.items():
+            self.on_draft_done(outcome.round_id, drafter, reply, now_ns)
+        if outcome.draft_positions and isinstance(outcome.verify, VerifyReply):
+            self.draft_length.observe_timing(outcome.draft_ns / outcome.draft_positions,
+                                             outcome.verify.compute_ns, now_ns=now_ns)
+        self.on_verify_done(outcome.round_id, outcome.verify, now_ns)
+
+    def on_draft_done(self, round_id: int, drafter: str, reply: DraftReply | WorkerFailure,
+                      now_ns: int) -> None:
+        rnd = self._rounds[round_id]
+        if isinstance(reply, WorkerFailure):
+            self.stats.draft_failures[drafter] += 1
+            logger.warning("drafter %r failed a call (%s: %s); its requests are verified without "
+                           "drafts this round", drafter, reply.kind.value, reply.message)
+            # Resend whole next time: the worker may not have seen the delta (unavailable),
+            # may hold a suspect state (error) or nothing at all (lost).
+            resync = [c.request_id for c in rnd.draft_calls.get(drafter, ())]
+            if reply.kind == FailureKind.LOST:
+                resync = [r.request_id for r in self._by_id.values() if drafter in r.drafter_seen]
+            for rid in resync:
+                req = self._by_id.get(rid)
+                if req is not None:
+                    req.drafter_seen[drafter] = 0
+            return
+        for rid in reply.unknown:
+            req = self._by_id.get(rid)
+            if req is not None:
+                req.drafter_seen[drafter] = 0
+
+    def on_verify_done(self, round_id: int, reply: VerifyReply | WorkerFailure | None,
+                       now_ns: int) -> None:
+        rnd = self._rounds.pop(round_id)
+        self._busy.discard(rnd.group)
+        if not isinstance(reply, VerifyReply):
+            failure = reply or WorkerFailure(FailureKind.ERROR, "no reply")
+            self.stats.verify_failures[rnd.group] += 1
+            logger.warning("verifier group %d failed a round (%s: %s); its requests resume from "
+                           "their committed tokens", rnd.group, failure.kind.value, failure.message)
+            for req in self._groups[rnd.group].values():
+                req.verifier_seen = 0
+            return
+        self.stats.verify_rounds += 1
+        unknown = set(reply.unknown)
+        for result in reply.results:
+            req = self._by_id.get(result.request_id)
+            if req is None or req.group != rnd.group:  # cancelled while the round ran
+                continue
+            if result.request_id in unknown:  # a replaced verifier: re-send it whole
+                req.verifier_seen = 0
+                continue
+            committed, finish = req.stop.commit(req.generated, result.emitted)
+            req.tokens.extend(committed)
+            accepted = min(result.num_accepted, len(committed))
+            drafter = rnd.drafter_of.get(result.request_id)
+            drafted = result.num_drafted if drafter else 0
+            req.stats.observe_round(drafted, accepted, len(committed), drafter)
+            self.stats.observe(drafter=drafter or "", domain=req.domain, group=rnd.group,
+                               drafted=drafted, accepted=accepted, emitted=len(committed))
+            if req.drafter is not None:
+                self.draft_length.observe(req.request_id, drafted, accepted, now_ns=now_ns)
+            if req.routed and drafter:
+                self.router.observe_round(req.domain, drafter, drafted=drafted, accepted=accepted,
+                                          emitted=len(committed), now_ns=now_ns)
+            if committed:
+                if req.stats.first_token_ns is None:
+                    req.stats.first_token_ns = now_ns - req.arrival_ns
+                if self.token_sink is not None:
+                    self.token_sink(req.request_id, committed)
+            if finish is not None:
+                self._finish(req, finish)
+
+    # ---- finishing ----------------------------------------------------------------------------
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        del self._groups[req.group][req.request_id]
+        del self._by_id[req.request_id]
+        self._verifier_releases.setdefault(req.group, []).append(req.request_id)
+        for drafter in req.drafter_seen:
+            self._drafter_releases.setdefault(drafter, []).append(req.request_id)
+        if reason != FinishReason.CANCELLED:
+            self._observed.append(list(req.tokens))
+        if req.drafter is not None:
+            self.draft_length.forget(req.request_id)
+        self._finished.append(
+            GenerationOutput(req.request_id, req.prompt, list(req.generated), reason, req.stats))
+
+    def drain_finished(self) -> list[GenerationOutput]:
+        done, self._finished = self._finished, []
+        return done
+
+    def take_housekeeping(self) -> Housekeeping:
+        """Releases and finished sequences owed to workers since the last call."""
+        work = Housekeeping(self._verifier_releases, self._drafter_releases, self._observed)
+        self._verifier_releases, self._drafter_releases, self._observed = {}, {}, []
+        return work
