@@ -77,10 +77,10 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
                        max_batch_size=cfg.verifier.max_batch_size)
     runtime = RayRuntime(cfg, drafter_factories=dfac, verifier_factory=vfac,
                          concurrent_drafts=mode != "sequential", compiled_graph=mode == "compiled")
-    runtime.engine.policy = FixedDraftLength(window)
+    runtime.scheduler.draft_length = FixedDraftLength(window)
     # This measures what a round costs on each path, not when serving picks one: let
     # even short requests compile the graph.
-    runtime.engine.compile_min_rounds_left = 0
+    runtime.executor.compile_min_rounds_left = 0
     result = {"fake": fake, "mode": mode, "drafters": drafters, "batch": batch,
               "max_new_tokens": max_new, "window": window}
     try:
@@ -99,7 +99,7 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
                             "tokens_per_s": round(tokens / secs, 1)}
             result.setdefault("outputs", []).append(outs)
         runtime.engine.idle()
-        result["actors"]["compiled_rounds"] = runtime.engine.compiled_rounds
+        result["actors"]["compiled_rounds"] = runtime.executor.compiled_rounds
         t = list(runtime.engine.timings)
         result["actors"]["overhead_ms"] = _ms([x.overhead_ns for x in t])
         result["actors"]["compute_ms"] = _ms([x.draft_compute_ns + x.verify_compute_ns for x in t])

@@ -4,19 +4,19 @@ Where it sits: the distributed runtime (``runtime.py``) creates one ``DrafterAct
 per configured drafter and one ``VerifierActor`` per verifier group; the handles in
 ``handles.py`` are the only callers. Each round a drafter actor gets the committed
 token deltas of its requests and answers proposals; the verifier actor gets the
-proposals and answers ``VerifyResult``s. KV caches and n-gram indexes never leave
-the actor: only ids, token lists, proposals and small timings cross.
+proposals and answers a ``VerifyReply`` (``core/workers.py``). KV caches and n-gram
+indexes never leave the actor: only ids, token lists, proposals and small timings cross.
 
 No decoding logic lives here: an actor builds its plain object with a picklable
 factory (``DrafterFactory``/``VerifierFactory`` call ``engine.builder``, tests pass
-their own) and forwards calls. Two additions exist for the distributed case only:
+their own) and forwards calls. What exists for the distributed case only:
 - piggy-backed housekeeping: releases and finished-sequence observations ride on
   the next ``propose``/``verify`` call instead of costing an actor call each;
 - the per-round calls (``propose``, ``verify``) take and return ``bytes`` pickled by
   the caller: Ray's own serialisation of dataclass lists costs ~0.3 ms more per call
   than a plain ``pickle.dumps`` (measured here, 4-request batches);
-- ``resume_requests``: re-admit a request from its committed tokens after the
-  verifier actor was lost (see ``VerifierActor.resume_requests``).
+- a restarted actor holds nothing: calls that assume otherwise are answered as
+  ``unknown`` and the scheduler re-sends those requests from position 0.
 
 Placement: every actor reserves its config's ``resources`` (CPUs, GPUs, custom node
 resources such as ``{drafter: 1}``); a verifier group is one placement group of
@@ -31,11 +31,12 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from specfleet.core.config import DrafterConfig, ResourcesConfig, SpecFleetConfig
-from specfleet.core.types import DraftProposal, SamplingParams, VerifyResult
+from specfleet.core.types import DraftProposal
+from specfleet.core.workers import DraftReply
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,16 @@ def _where() -> dict[str, Any]:
 
 
 # ---- actors (plain classes; ray.remote is applied at placement) ---------------------
+@dataclass(frozen=True)
+class DraftSummary:
+    """What the driver needs of a drafter reply that went straight to the verifier
+    (the proposals themselves stay there)."""
+
+    compute_ns: int  # the drafter's own time for the call
+    positions: int  # longest proposal in the call (sequential draft positions)
+    unknown: tuple[str, ...]  # requests the drafter held no state for (re-sent whole next time)
+
+
 class DrafterActor:
     """Holds one ``Drafter``; every method forwards to it."""
 
@@ -111,6 +122,7 @@ class DrafterActor:
         # shipping whole finished sequences to the others.
         self.learns = type(self.drafter).observe_output is not Drafter.observe_output
         self.incarnation = uuid.uuid4().hex
+        self._known: set[str] = set()  # requests this incarnation holds state for
 
     def ping(self) -> dict[str, Any]:
         return {
@@ -120,25 +132,36 @@ class DrafterActor:
         }
 
     def propose(self, payload: bytes) -> bytes:
-        """``pickle((requests, releases, observed))`` → ``pickle((proposals, compute_ns))``."""
+        """``pickle((calls, releases, observed))`` → ``pickle(DraftReply)``.
+
+        A call that assumes state this actor does not hold (``position > 0`` for a
+        request it never saw: it was restarted) is answered with an empty proposal
+        and named in ``unknown``; the scheduler re-sends that request whole."""
         start = time.perf_counter_ns()
-        requests, releases, observed = pickle.loads(payload)
+        calls, releases, observed = pickle.loads(payload)
         self.housekeeping(releases, observed)
-        proposals: list[DraftProposal] = self.drafter.propose(requests) if requests else []
-        return _dumps((proposals, time.perf_counter_ns() - start))
+        served, unknown = [], []
+        for call in calls:
+            if call.position > 0 and call.request_id not in self._known:
+                unknown.append(call.request_id)
+            else:
+                served.append(call)
+                self._known.add(call.request_id)
+        drafted = {p.request_id: p for p in self.drafter.propose(served)} if served else {}
+        proposals = [drafted.get(c.request_id) or DraftProposal.empty(c.request_id, self.drafter.name)
+                     for c in calls]
+        return _dumps(DraftReply(proposals, time.perf_counter_ns() - start, tuple(unknown)))
 
     def housekeeping(self, releases: Sequence[str] = (), observed: Sequence[list[int]] = ()) -> None:
         for request_id in releases:
+            self._known.discard(request_id)
             self.drafter.release(request_id)
         for tokens in observed:
             self.drafter.observe_output(tokens)
 
-    def rollback(self, request_id: str, length: int) -> None:
-        self.drafter.rollback(request_id, length)
-
 
 class VerifierActor:
-    """Holds a verifier group's leader: a ``Verifier`` (or anything with its API)."""
+    """Holds a verifier group's leader: a ``Verifier`` (or a ``TPVerifierGroup``)."""
 
     def __init__(self, factory: Callable[[], Any], torch_threads: int = 1):
         _set_threads(torch_threads)
@@ -153,84 +176,44 @@ class VerifierActor:
         return {
             "vocab_size": getattr(runner, "vocab_size", None),
             "max_seq_len": getattr(runner, "max_seq_len", None),
+            "eos_token_ids": list(getattr(self.verifier, "eos_token_ids", ())),
             "incarnation": self.incarnation, "load_s": self.load_s, **_where(),
         }
 
-    def add_requests(
-        self, requests: Sequence[tuple[str, list[int], SamplingParams]], releases: Sequence[str] = ()
-    ) -> None:
-        self._release(releases)
-        self.verifier.add_requests(requests)
-
     def verify(self, payload: bytes, *drafter_replies: bytes) -> bytes:
-        """``pickle((request_ids, proposals, releases, round_id))`` plus the raw replies
-        of this round's drafter calls → ``pickle((results, compute_ns, drafts))``.
+        """``pickle((calls, releases, round_id))`` plus the raw replies of this round's
+        drafter calls → ``pickle((VerifyReply, [DraftSummary per drafter reply]))``.
 
         The driver passes each drafter call's ObjectRef straight through as an
         argument, so proposals go drafter → verifier without the driver waiting for,
         unpickling and re-sending them (one driver round trip less per round). Ray
         resolves the refs before this runs; if a drafter call failed, this method
-        never runs and the handle falls back (``VerifierHandle.verify_chained``).
-        ``proposals`` holds the requests no drafter served; each reply may also
-        cover requests of other verifier groups, which are ignored here. ``drafts``
-        is ``(compute_ns, longest proposal)`` per reply, for timing and the policy.
-        The reply is kept under ``round_id`` until the next round (``last_round``).
+        never runs and the executor falls back (``cluster/executor.py``). A reply
+        may cover requests of other verifier groups: the verifier takes only its
+        calls' proposals. The reply is kept under ``round_id`` until the next round
+        (``last_round``).
         """
-        start = time.perf_counter_ns()
-        request_ids, proposals, releases, round_id = pickle.loads(payload)
-        drafts = []
-        for reply in drafter_replies:
-            drafted, compute_ns = pickle.loads(reply)
-            proposals.update((p.request_id, p) for p in drafted)
-            drafts.append((compute_ns, max((len(p) for p in drafted), default=0)))
-        self._release(releases)
-        results: list[VerifyResult] = self.verifier.verify([proposals[rid] for rid in request_ids])
-        reply = _dumps((results, time.perf_counter_ns() - start, drafts))
+        calls, releases, round_id = pickle.loads(payload)
+        drafts: list[DraftReply] = [pickle.loads(reply) for reply in drafter_replies]
+        self.release(releases)
+        result = self.verifier.verify(calls, drafts)
+        summaries = [DraftSummary(d.compute_ns, max((len(p) for p in d.proposals), default=0), d.unknown)
+                     for d in drafts]
+        reply = _dumps((result, summaries))
         self._last_round = (round_id, reply)
         return reply
 
     def last_round(self) -> tuple[int | None, bytes | None]:
         """The id and reply of the last verified round: after a compiled round failed,
-        the handle asks whether it ran here (then its reply is the round's outcome)."""
+        the executor asks whether it ran here (then its reply is the round's outcome)."""
         return self._last_round
 
     def release(self, releases: Sequence[str]) -> None:
-        self._release(releases)
-
-    def tokens(self, request_id: str) -> list[int]:
-        return self.verifier.tokens(request_id)
+        for request_id in releases:
+            self.verifier.release(request_id)
 
     def active(self) -> list[str]:
         return list(self.verifier.active)
-
-    def resume_requests(self, items: Sequence[tuple[str, int, list[int], SamplingParams]]) -> None:
-        """Re-admit requests lost with a previous verifier: ``(id, prompt_len, committed
-        tokens, sampling)``. Prefill covers prompt + generated; the budget, EOS and stop
-        strings keep counting from the original prompt, so the output is what an
-        uninterrupted run commits (sampled requests restart their RNG stream, so they
-        stay exact in distribution but not bit-reproducible across the failure)."""
-        resume = getattr(self.verifier, "resume_requests", None)
-        if resume is not None:  # a verifier that supports resuming natively
-            resume(items)
-            return
-        self.verifier.add_requests([
-            (rid, list(tokens), replace(s, max_new_tokens=s.max_new_tokens - (len(tokens) - plen)))
-            for rid, plen, tokens, s in items
-        ])
-        # Restore the original prompt boundary. This touches Verifier internals, which
-        # is why it lives in this one function (upstream: a Verifier.resume_requests).
-        from specfleet.core.stopping import StopChecker
-
-        for rid, plen, _, sampling in items:
-            state = self.verifier._requests[rid]
-            state.prompt_len = plen
-            state.sampling = sampling
-            state.stop = StopChecker(sampling, self.verifier.eos_token_ids, self.verifier.decode)
-
-    def _release(self, releases: Sequence[str]) -> None:
-        for request_id in releases:
-            if self.verifier.has(request_id):
-                self.verifier.release(request_id)
 
 
 def _dumps(obj) -> bytes:

@@ -1,10 +1,11 @@
 """A round as one Ray compiled graph: drafters' ``propose`` feed the verifier's ``verify``.
 
-Where it sits: ``ActorSpecEngine`` (``runtime.py``) runs each round either through
-plain actor calls (``VerifierHandle.verify_chained``) or, once the set of drafters in
-use has been the same for a few rounds and enough rounds are left to repay compiling
-it, through a ``CompiledRound``. Both send the
-same payloads to the same actor methods, so exactness does not depend on the path.
+Where it sits: the Ray executor (``executor.py``) runs each round either through
+plain actor calls (drafter calls chained into the verify call) or, once the set of
+drafters in use has been the same for a few rounds and enough rounds are left to
+repay compiling it, through a ``CompiledRound``. Both send the same payloads to the
+same actor methods, so exactness does not depend on the path. Only a single
+verifier group compiles: a graph binds one verifier actor.
 
 Why: on this class of machine (a 2-vCPU VM) a plain actor call costs ~0.5 ms when the
 actor was just called, but ~2 ms when it had computed for a millisecond or two, as
@@ -15,14 +16,14 @@ plain calls). The price is that the graph's actors keep polling while it exists 
 0.6 core each while idle), which is why it is built only for the drafters in use,
 only after their set has been stable, and torn down as soon as the engine is idle.
 
-Failures: the compiled graph is torn down, and what happened is worked out
-before anything is retried. A dead drafter is restarted by its handle; live ones
-re-send their requests whole (their part of the round may or may not have run). The
-verifier is asked whether it verified this round (``VerifierActor.last_round``): if
-it did, its stored reply is the round's outcome; if not, the engine runs the round
-again over plain calls. A timeout restarts everything in the graph (a stuck actor's
-graph thread cannot be stopped from outside) and resumes requests from the
-committed tokens. No request is lost, nothing is emitted twice.
+Failures: the compiled graph is torn down, and what happened is worked out before
+anything is retried. A dead drafter is restarted; a live one answers ``ERROR`` (its
+part of the round may or may not have run, so the scheduler re-sends its requests
+whole). The verifier is asked whether it verified this round
+(``VerifierActor.last_round``): if it did, its stored reply is the round's outcome;
+if not, the group's requests are re-sent from their committed tokens. A timeout
+replaces everything in the graph (a stuck actor's graph thread cannot be stopped
+from outside). No request is lost, nothing is emitted twice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
-from specfleet.core.types import DraftProposal, DraftRequest, VerifyResult
+from specfleet.core.types import DraftRequest
+from specfleet.core.workers import FailureKind, VerifyCall, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def _actor_id(actor) -> str:
 
 
 class CompiledRound:
-    """One compiled graph over the verifier actor and the drafter actors ``names``."""
+    """One compiled graph over a verifier actor and the drafter actors ``names``."""
 
     def __init__(self, verifier: VerifierHandle, drafters: Mapping[str, DrafterHandle]):
         from ray.dag import InputNode
@@ -81,40 +83,34 @@ class CompiledRound:
         self,
         verifier: VerifierHandle,
         drafters: Mapping[str, DrafterHandle],
-        request_ids: Sequence[str],
-        proposals: dict[str, DraftProposal],
-        requests: Mapping[str, Sequence[DraftRequest]],
-    ) -> tuple[list[VerifyResult], list[tuple[int, int]]] | None:
-        """Run one round; None if it did not happen and must be run over plain calls.
-
-        ``proposals`` holds the undrafted requests; ``requests`` each drafter's
-        batch (every drafter of the graph gets a payload, empty ones included).
-        The graph is torn down if the round fails; the caller drops it then.
+        calls: Sequence[VerifyCall],
+        drafts: Mapping[str, Sequence[DraftRequest]],
+        failures: dict[str, WorkerFailure],
+    ) -> bytes | WorkerFailure | None:
+        """Run one round: the verifier's raw reply, the group's failure, or None if
+        nothing was sent (run it over plain calls). Every drafter of the graph gets a
+        payload, empty ones included. Drafters whose part failed are added to
+        ``failures``. The graph is torn down if the round fails; the caller drops it.
         """
         import ray
 
         payloads = []
         for name in self.names:
-            payload = drafters[name].prepare(requests.get(name, ()), always=True)
+            payload = drafters[name].prepare(drafts.get(name, ()))
             if payload is None:  # not ready after all: nothing was sent yet
-                for other in self.names:
-                    drafters[other].resync()
+                for other in self.names[: len(payloads)]:
+                    drafters[other].requeue()
                 return None
             payloads.append(payload)
-        payload, round_id = verifier.round_payload(request_ids, proposals)
+        payload, round_id = verifier.round_payload(calls)
         timeout = min(drafters[n].call_timeout_s for n in self.names) + verifier.call_timeout_s
         try:
-            reply = ray.get(self._dag.execute(payload, *payloads), timeout=timeout)
+            return ray.get(self._dag.execute(payload, *payloads), timeout=timeout)
         except Exception as exc:  # classified in _recover; the round may or may not have run
-            reply = self._recover(exc, verifier, drafters, round_id)
-            if reply is None:
-                return None
-        results, infos = verifier.apply_reply(reply)
-        for name, (compute_ns, _) in zip(self.names, infos):
-            drafters[name].last_compute_ns = compute_ns
-        return results, infos
+            return self._recover(exc, verifier, drafters, round_id, failures)
 
-    def _recover(self, error: Exception, verifier, drafters, round_id: int) -> bytes | None:
+    def _recover(self, error: Exception, verifier, drafters, round_id: int,
+                 failures: dict[str, WorkerFailure]) -> bytes | WorkerFailure:
         import ray
         from ray.exceptions import GetTimeoutError, RayChannelTimeoutError
 
@@ -123,22 +119,24 @@ class CompiledRound:
             # Something in the graph is stuck; its graph thread cannot be stopped from
             # outside, so every actor that took part is replaced.
             for name in self.names:
-                drafters[name].restart(why)
-            verifier.recover(why)
+                drafters[name].supervisor.restart(why)
+                failures[name] = WorkerFailure(FailureKind.LOST, why)
+            lost = verifier.recover(why)
             self.teardown(background=True)  # Ray's teardown waits long on stuck actors
-            return None
+            return lost
         for name in self.names:
             try:
                 ray.get(drafters[name].actor.ping.remote(), timeout=_PING_TIMEOUT_S)
-                drafters[name].resync()  # alive: its part of the round may or may not have run
+                failures[name] = WorkerFailure(FailureKind.ERROR, why)  # may or may not have run
+                drafters[name].requeue()  # releases are idempotent: send them again
             except Exception:
-                drafters[name].restart(why)
+                drafters[name].supervisor.restart(why)
+                failures[name] = WorkerFailure(FailureKind.LOST, why)
         try:
             ray.get(verifier.actor.ping.remote(), timeout=_PING_TIMEOUT_S)
         except Exception:
-            verifier.recover(why)
             self.teardown(background=True)
-            return None
+            return verifier.recover(why)
         # Teardown waits for the graph loops to exit, so the verifier's answer below
         # is final: no verify of this round can still start after it.
         self.teardown()

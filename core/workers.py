@@ -85,6 +85,9 @@ class RoundPlan:
     group: int  # verifier group index
     drafts: dict[str, list[DraftRequest]]  # drafter name → its calls (requests it drafts for)
     verify: list[VerifyCall]  # every request of the round, in batch order
+    # Rounds the longest request of the group may still need (budget / tokens per
+    # round so far): executors weigh one-off costs against it (compiling a graph).
+    rounds_left: float = 0.0
 
 
 @dataclass

@@ -85,19 +85,18 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
 
 
 def build_engine(cfg: SpecFleetConfig):
-    """The whole in-process engine described by ``cfg`` (tensor parallelism aside)."""
+    """The whole in-process engine described by ``cfg``."""
     from specfleet.engine.engine import SpecEngine
     from specfleet.policy.factory import build_policies
 
-    if cfg.verifier.count > 1:
-        logger.warning("verifier.count=%d: the in-process engine drives one verifier group",
-                       cfg.verifier.count)
-    verifier = build_verifier(cfg)
+    # verifier.count groups: each its own copy of the target, requests spread over them.
+    verifiers = [build_verifier(cfg) for _ in range(cfg.verifier.count)]
+    verifier = verifiers[0]
     drafters = {
         d.name: build_drafter(
             d,
             target=cfg.models.target,
-            max_slots=cfg.verifier.max_batch_size,
+            max_slots=cfg.verifier.max_batch_size * cfg.verifier.count,
             max_seq_len=cfg.verifier.max_seq_len,
             device=cfg.verifier.device,
         )
@@ -105,6 +104,6 @@ def build_engine(cfg: SpecFleetConfig):
     }
     policies = build_policies(cfg, verifier.decode)
     return SpecEngine(
-        verifier, drafters, draft_policy=policies.draft_length, router=policies.router,
+        verifiers, drafters, draft_policy=policies.draft_length, router=policies.router,
         default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
     )

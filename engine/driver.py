@@ -1,7 +1,7 @@
 """The engine driver: one loop over the scheduler and an executor.
 
 Where it sits: between whoever submits requests (``specfleet bench engine``, the
-gRPC/HTTP backends in ``router/backend.py``, tests) and the two halves of a round:
+engine thread in ``engine/backend.py`` that gRPC/HTTP serve from, tests) and the two halves of a round:
 the ``Scheduler`` (``engine/scheduler.py``: request state, stop rule, policies)
 decides, an executor (``engine/executor.py`` in-process, ``cluster/executor.py``
 over Ray actors) runs. The driver is the only place that reads the clock, and it

@@ -51,13 +51,14 @@ class SpecEngine(EngineDriver):
         self.verifiers = verifiers
         self.verifier = verifiers[0]
         self.drafters = dict(drafters)
-        runner = self.verifier.runner
+        runner = self.verifier.runner  # None for a no-compute fake: nothing to check prompts against
         scheduler = Scheduler(
             drafters=list(self.drafters), draft_length=draft_policy or FixedDraftLength(4),
             router=router, default_drafter=default_drafter or next(iter(self.drafters), None),
             groups=len(verifiers), max_batch_size=max_batch_size,
             eos_token_ids=self.verifier.eos_token_ids, decode=self.verifier.decode,
-            vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len, token_sink=token_sink,
+            vocab_size=getattr(runner, "vocab_size", None), max_seq_len=getattr(runner, "max_seq_len", None),
+            token_sink=token_sink,
         )
         executor = InProcessExecutor(
             {name: LocalDraftWorker(d) for name, d in self.drafters.items()},

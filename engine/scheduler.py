@@ -270,7 +270,11 @@ class Scheduler:
             req.verifier_seen = len(req.tokens)
         self._rounds[round_id] = _Round(group, list(requests), drafter_of, drafts)
         self._busy.add(group)
-        return RoundPlan(round_id, group, drafts, verify)
+        rounds_left = max(
+            (r.sampling.max_new_tokens - len(r.generated)) / max(1.0, r.stats.mean_acceptance_length)
+            for r in requests.values()
+        )
+        return RoundPlan(round_id, group, drafts, verify, rounds_left)
 
     # ---- events -----------------------------------------------------------------------------
     def on_round_done(self, outcome: RoundOutcome, now_ns: int) -> None:

@@ -30,8 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specfleet.core.config import ServerConfig, SpecFleetConfig
+from specfleet.core.serving import GenerationBackend
 from specfleet.proto import specfleet_pb2_grpc as pb_grpc
-from specfleet.router.backend import GenerationBackend
 from specfleet.router.servicer import SERVICE_NAME, RequestError, SpecFleetServicer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def make_backend(
     cluster, started embedded or joined at ``address`` (default: cluster.address).
     """
     if kind == "inprocess":
-        from specfleet.router.backend import EngineBackend
+        from specfleet.engine.backend import EngineBackend
 
         return EngineBackend.from_config(cfg)
     if kind == "ray":

@@ -30,10 +30,10 @@ import grpc
 
 from specfleet import __version__
 from specfleet.core.config import ServerConfig
+from specfleet.core.serving import ErrorCode, GenerationBackend, GenerationChunk, GenerationRequest
 from specfleet.core.types import FinishReason, SamplingParams
 from specfleet.proto import specfleet_pb2 as pb
 from specfleet.proto import specfleet_pb2_grpc as pb_grpc
-from specfleet.router.backend import GenerationBackend, GenerationChunk, GenerationRequest
 from specfleet.router.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         self.tokenizer = tokenizer
         self.config = config
         self._info = backend.info()
-        self._drafters = [d["name"] for d in self._info.drafters]
+        self._drafters = [d.name for d in self._info.drafters]
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_limit)
         self._in_flight: set[str] = set()
 
@@ -125,13 +125,11 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
             tokenizer=info.tokenizer,
             vocab_size=info.vocab_size,
             drafters=[
-                pb.DrafterInfo(name=d.get("name", ""), kind=d.get("kind", ""),
-                               domain=d.get("domain", ""))
+                pb.DrafterInfo(name=d.name, kind=d.kind, domain=d.domain)
                 for d in info.drafters
             ],
             verifier_groups=[
-                pb.VerifierGroupInfo(tp_size=v.get("tp_size", 1), device=v.get("device", ""),
-                                     dtype=v.get("dtype", ""))
+                pb.VerifierGroupInfo(tp_size=v.tp_size, device=v.device, dtype=v.dtype)
                 for v in info.verifier_groups
             ],
             limits=pb.Limits(
@@ -154,7 +152,9 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         async with contextlib.aclosing(self.backend.stream(req)) as chunks:
             async for chunk in chunks:
                 if chunk.error is not None:
-                    raise BackendFailure(f"request {req.request_id}: {chunk.error}")
+                    if chunk.error.code == ErrorCode.INVALID_ARGUMENT:
+                        raise invalid(chunk.error.message)
+                    raise BackendFailure(f"request {req.request_id}: {chunk.error.message}")
                 if chunk.token_ids and not first_token_ns:
                     first_token_ns = time.perf_counter_ns() - prepared.received_ns
                 completion_tokens += len(chunk.token_ids)
@@ -280,10 +280,12 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
 
 
 def _fill_stats(stats: pb.SpeculationStats, chunk: GenerationChunk) -> None:
-    s = chunk.stats or {}
-    stats.drafted = int(s.get("drafted", 0))
-    stats.accepted = int(s.get("accepted", 0))
-    stats.rounds = int(s.get("rounds", 0))
-    stats.mean_acceptance_length = float(s.get("mean_acceptance_length", 0.0))
-    for name, rounds in (s.get("drafters") or {}).items():
+    s = chunk.stats
+    if s is None:
+        return
+    stats.drafted = s.drafted
+    stats.accepted = s.accepted
+    stats.rounds = s.rounds
+    stats.mean_acceptance_length = s.mean_acceptance_length
+    for name, rounds in s.drafters.items():
         stats.drafters[name] = int(rounds)

@@ -19,7 +19,8 @@ from queue import Empty, Queue
 
 import yaml
 
-from specfleet.core.types import DraftProposal, FinishReason, VerifyResult
+from specfleet.core.types import DraftProposal, VerifyResult
+from specfleet.core.workers import VerifyReply
 from specfleet.drafters.base import Drafter
 
 TINY_VOCAB = 97
@@ -119,38 +120,28 @@ class FakeDrafter(Drafter):
 
 
 class FakeVerifier:
-    """The Verifier API with an oracle that accepts every draft and emits token 1."""
+    """The ``Verifier`` call contract with an oracle that accepts every draft and emits
+    token 1 after it; it holds no state, so a round over it costs no compute."""
 
-    def __init__(self):
-        self._requests: dict[str, tuple[list[int], int, int]] = {}  # tokens, prompt_len, max_new
+    eos_token_ids = ()
+    decode = None
+    runner = None  # no vocabulary or context limit to check prompts against
 
-    def add_requests(self, requests):
-        for rid, prompt, sampling in requests:
-            self._requests[rid] = (list(prompt), len(prompt), sampling.max_new_tokens)
-
-    def verify(self, proposals):
+    def verify(self, calls, drafts=()):
+        drafted = {p.request_id: p for reply in drafts for p in reply.proposals}
         results = []
-        for p in proposals:
-            tokens, plen, max_new = self._requests[p.request_id]
-            emitted = (list(p.tokens) + [1])[: max_new - (len(tokens) - plen)]
-            tokens.extend(emitted)
-            done = len(tokens) - plen >= max_new
-            results.append(VerifyResult(p.request_id, emitted, min(len(p), len(emitted)), len(p),
-                                        list(range(len(p))), FinishReason.LENGTH if done else None))
-        return results
+        for call in calls:
+            p = call.proposal or drafted.get(call.request_id) or DraftProposal.empty(call.request_id)
+            results.append(VerifyResult(call.request_id, list(p.tokens) + [1], len(p), len(p),
+                                        list(range(len(p)))))
+        return VerifyReply(results)
 
     def release(self, request_id):
-        self._requests.pop(request_id, None)
-
-    def has(self, request_id):
-        return request_id in self._requests
-
-    def tokens(self, request_id):
-        return list(self._requests[request_id][0])
+        pass
 
     @property
     def active(self):
-        return list(self._requests)
+        return []
 
 
 # ---- Ray token authentication for hermetic test clusters -----------------------------------

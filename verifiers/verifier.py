@@ -71,8 +71,8 @@ class Verifier:
     # ---- request lifecycle ----------------------------------------------------------
     def release(self, request_id: str) -> None:
         """Free the request's KV slot; unknown ids are ignored."""
-        self._requests.pop(request_id, None)
-        self.runner.free(request_id)
+        if self._requests.pop(request_id, None) is not None:
+            self.runner.free(request_id)
 
     def has(self, request_id: str) -> bool:
         return request_id in self._requests

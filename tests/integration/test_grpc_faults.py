@@ -14,14 +14,24 @@ import datetime
 import json
 import threading
 import time
+from collections import Counter
 
 import grpc
 import pytest
 
 from specfleet.client import AsyncClient, Client, RetryPolicy, SpecFleetError
 from specfleet.core.config import ServerConfig
+from specfleet.core.serving import (
+    BackendInfo,
+    ChunkError,
+    DrafterInfo,
+    ErrorCode,
+    GenerationChunk,
+    GenerationRequest,
+    VerifierGroupInfo,
+)
+from specfleet.core.stats import RequestStats
 from specfleet.core.types import FinishReason
-from specfleet.router.backend import BackendInfo, GenerationChunk, GenerationRequest
 from specfleet.router.server import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -53,8 +63,8 @@ class ScriptedBackend:
 
     def info(self) -> BackendInfo:
         return BackendInfo("scripted", "bytes", 257, 256,
-                           drafters=[{"name": "d1", "kind": "ngram", "domain": "general"}],
-                           verifier_groups=[{"tp_size": 1, "device": "cpu", "dtype": "float32"}])
+                           drafters=[DrafterInfo("d1", "ngram", "general")],
+                           verifier_groups=[VerifierGroupInfo(0, 1, "cpu", "float32")])
 
     def active_request_ids(self) -> list[str]:
         return sorted(self.active)
@@ -77,7 +87,7 @@ class ScriptedBackend:
                 while not self.release.is_set():
                     await asyncio.sleep(0.01)
             if prompt == "fail":
-                yield GenerationChunk(request.request_id, [], error="verifier lost")
+                yield GenerationChunk(request.request_id, [], error=ChunkError(ErrorCode.INTERNAL, "verifier lost"))
                 return
             if prompt == "crash":
                 raise RuntimeError("backend bug")
@@ -96,8 +106,7 @@ class ScriptedBackend:
             for i in range(0, len(out), 3):
                 yield GenerationChunk(request.request_id, out[i : i + 3])
                 await asyncio.sleep(0)
-            stats = {"drafted": 6, "accepted": 4, "rounds": 3, "mean_acceptance_length": 2.3,
-                     "drafters": {"d1": 3}}
+            stats = RequestStats(rounds=3, drafted=6, accepted=4, emitted=7, drafters=Counter(d1=3))
             yield GenerationChunk(request.request_id, [], reason, stats)
         finally:
             self.active.discard(request.request_id)

@@ -60,7 +60,7 @@ def runtime(models, tmp_path_factory):
         rt = RayRuntime.start(cfg)
         # These requests are short; let them compile the round graph anyway (the
         # default waits for enough rounds left to repay compiling).
-        rt.engine.compile_min_rounds_left = 0
+        rt.executor.compile_min_rounds_left = 0
         try:
             yield rt
         finally:
@@ -71,36 +71,36 @@ def runtime(models, tmp_path_factory):
 
 @pytest.mark.parametrize("drafter", ["self", "random", "ngram", None])
 def test_greedy_equals_target_generate(runtime, expected, drafter):
-    compiled_before = runtime.engine.compiled_rounds
+    compiled_before = runtime.executor.compiled_rounds
     outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter=drafter)
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     if drafter == "self":  # the target as drafter is always accepted, across actors too
         assert all(o.stats.acceptance_rate == 1.0 and o.stats.accepted > 0 for o in outs)
     if drafter is not None:  # steady rounds ran through the compiled graph, exactly
-        assert runtime.engine.compiled_rounds > compiled_before
-    assert runtime.engine._compiled is None  # dropped when generate returns: no idle polling
+        assert runtime.executor.compiled_rounds > compiled_before
+    assert runtime.executor._compiled is None  # dropped when generate returns: no idle polling
 
 
 def test_short_requests_do_not_compile_a_graph(runtime):
     from specfleet.core.config import ClusterConfig
 
-    runtime.engine.compile_min_rounds_left = ClusterConfig().compile_min_rounds_left
+    runtime.executor.compile_min_rounds_left = ClusterConfig().compile_min_rounds_left
     try:
-        before = runtime.engine.compiled_rounds
+        before = runtime.executor.compiled_rounds
         runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="random")
-        assert runtime.engine.compiled_rounds == before  # N=24 < 64 rounds: not worth 0.2 s
+        assert runtime.executor.compiled_rounds == before  # N=24 < 64 rounds: not worth 0.2 s
     finally:
-        runtime.engine.compile_min_rounds_left = 0
+        runtime.executor.compile_min_rounds_left = 0
 
 
 def test_plain_calls_equal_compiled_graph(runtime, expected):
-    runtime.engine.compiled_graph = False
+    runtime.executor.compiled_graph = False
     try:
-        before = runtime.engine.compiled_rounds
+        before = runtime.executor.compiled_rounds
         outs = runtime.engine.generate(PROMPTS, SamplingParams(max_new_tokens=N), drafter="random")
-        assert runtime.engine.compiled_rounds == before
+        assert runtime.executor.compiled_rounds == before
     finally:
-        runtime.engine.compiled_graph = True
+        runtime.executor.compiled_graph = True
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
 
 
@@ -119,11 +119,11 @@ def test_mixed_drafters_in_one_round_run_concurrently(runtime, expected):
 def test_actors_hold_nothing_after_requests_finish(runtime):
     runtime.engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4), drafter="self")
     assert ray.get(runtime.verifier.actor.active.remote()) == []
-    assert runtime.verifier.active == []
+    assert runtime.engine.request_ids == []
 
 
 def test_backend_streams_exact_tokens(runtime, expected):
-    from specfleet.router.backend import GenerationRequest
+    from specfleet.core.serving import GenerationRequest
 
     backend = runtime.backend()
 
@@ -145,7 +145,7 @@ def test_backend_streams_exact_tokens(runtime, expected):
 
     results = asyncio.run(main())
     assert [t for t, _ in results] == [expected(p) for p in PROMPTS]
-    assert all(last.finish_reason == FinishReason.LENGTH and last.stats["rounds"] > 0 for _, last in results)
+    assert all(last.finish_reason == FinishReason.LENGTH and last.stats.rounds > 0 for _, last in results)
     assert backend.info().vocab_size == 97
 
 
@@ -196,7 +196,7 @@ def _run_compiled_then(runtime, fail, drafter="random"):
         time.sleep(0.2)
     ids = [engine.submit(p, SamplingParams(max_new_tokens=N), drafter=drafter) for p in PROMPTS]
     done = {}
-    while engine.compiled_rounds == 0 or engine._compiled is None:
+    while runtime.executor.compiled_rounds == 0 or runtime.executor._compiled is None:
         assert engine.has_work, "no round ran compiled"
         done.update((o.request_id, o) for o in engine.step())
     fail()
@@ -208,7 +208,7 @@ def _run_compiled_then(runtime, fail, drafter="random"):
 
 @pytest.fixture
 def fresh_counters(runtime):
-    runtime.engine.compiled_rounds = 0
+    runtime.executor.compiled_rounds = 0
     return runtime
 
 
@@ -241,7 +241,7 @@ def test_hung_drafter_times_out_and_loses_nothing(fresh_counters, expected, comp
     handle, verifier = runtime.drafters["random"], runtime.verifier
     saved = handle.call_timeout_s, verifier.call_timeout_s
     handle.call_timeout_s, verifier.call_timeout_s = 2.0, 5.0
-    runtime.engine.compiled_graph = compiled
+    runtime.executor.compiled_graph = compiled
     before = handle.restarts
 
     pid = None
@@ -250,16 +250,16 @@ def test_hung_drafter_times_out_and_loses_nothing(fresh_counters, expected, comp
         nonlocal pid
         if not compiled:  # run plain rounds from here on
             runtime.engine.idle()
-            runtime.engine.compiled_graph = False
+            runtime.executor.compiled_graph = False
         pid = handle.info["pid"]  # the actor as of now (earlier tests restarted it)
         os.kill(pid, signal.SIGSTOP)
 
     try:
-        runtime.engine.compiled_graph = True
+        runtime.executor.compiled_graph = True
         outs = _run_compiled_then(runtime, hang)
     finally:
         handle.call_timeout_s, verifier.call_timeout_s = saved
-        runtime.engine.compiled_graph = True
+        runtime.executor.compiled_graph = True
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGCONT)

@@ -1,10 +1,10 @@
-"""The seam between the API server and whatever runs generation.
+"""The engine thread: a ``GenerationBackend`` over an engine driver.
 
-Where it sits: the gRPC servicer (``router/servicer.py``) turns each RPC into a
-``GenerationRequest`` and consumes ``GenerationChunk``s from a ``GenerationBackend``.
-Two backends implement it: ``EngineBackend`` below (the in-process engine on a
-dedicated thread: tests, single-machine serving) and the Ray runtime in
-``specfleet.cluster`` (drafter and verifier actors). The servicer never knows which.
+Where it sits: the gRPC servicer (``router/servicer.py``) streams
+``GenerationChunk``s (``core/serving.py``) from a ``GenerationBackend``.
+``EngineBackend`` runs an ``EngineDriver`` on a dedicated thread: the in-process
+engine (tests, single-machine serving) or, as ``cluster.runtime.RayBackend``, the
+driver over drafter and verifier actors. The servicer never knows which.
 
 Continuous batching: requests are admitted into the running engine between rounds,
 so a new request never waits for the current batch to finish.
@@ -17,65 +17,33 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from specfleet.core.types import FinishReason, SamplingParams
+from specfleet.core.serving import (
+    BackendInfo,
+    ChunkError,
+    DrafterInfo,
+    ErrorCode,
+    GenerationChunk,
+    GenerationRequest,
+    VerifierGroupInfo,
+)
+from specfleet.core.types import FinishReason
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    drafter: str | None = None  # preference; None lets the backend choose
-    speculate: bool = True  # False: plain autoregressive decoding
-    max_draft_length: int | None = None  # cap on the window; None = the scheduler's choice
-
-
-@dataclass
-class GenerationChunk:
-    request_id: str
-    token_ids: list[int]  # tokens committed since the previous chunk
-    finish_reason: FinishReason | None = None  # set on the last chunk only
-    stats: dict | None = None  # on the last chunk: drafted, accepted, mean_acceptance_length, drafters
-    error: str | None = None  # the backend failed this request (servicer maps it to INTERNAL)
-
-
-@dataclass
-class BackendInfo:
-    target: str
-    tokenizer: str
-    vocab_size: int
-    max_seq_len: int
-    drafters: list[dict] = field(default_factory=list)  # name, kind, domain
-    verifier_groups: list[dict] = field(default_factory=list)  # tp_size, device, dtype
-
-
-class GenerationBackend(Protocol):
-    def info(self) -> BackendInfo: ...
-
-    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Chunks until one has ``finish_reason``. Closing the iterator early (client
-        cancel, deadline) cancels the request and frees its KV caches."""
-        ...
-
-    def active_request_ids(self) -> list[str]: ...
-
-    async def close(self) -> None: ...
-
-
-def stats_dict(stats) -> dict:
-    """RequestStats → the plain dict carried by the final chunk."""
-    return {
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "rounds": stats.rounds,
-        "mean_acceptance_length": stats.mean_acceptance_length,
-        "drafters": dict(stats.drafters),
-    }
+def backend_info(cfg, *, vocab_size: int, max_seq_len: int) -> BackendInfo:
+    """What ``Info`` reports for a deployment of ``cfg``."""
+    vcfg = cfg.verifier
+    return BackendInfo(
+        target=cfg.models.target,
+        tokenizer=cfg.models.tokenizer or cfg.models.target,
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+        drafters=[DrafterInfo(d.name, d.kind, d.domain) for d in cfg.drafters],
+        verifier_groups=[VerifierGroupInfo(g, vcfg.tp_size, vcfg.device, vcfg.dtype)
+                         for g in range(vcfg.count)],
+    )
 
 
 class EngineBackend:
@@ -105,18 +73,7 @@ class EngineBackend:
 
         engine = build_engine(cfg)
         runner = engine.verifier.runner
-        info = BackendInfo(
-            target=cfg.models.target,
-            tokenizer=cfg.models.tokenizer or cfg.models.target,
-            vocab_size=runner.vocab_size,
-            max_seq_len=runner.max_seq_len,
-            drafters=[{"name": d.name, "kind": d.kind, "domain": d.domain} for d in cfg.drafters],
-            verifier_groups=[
-                {"tp_size": cfg.verifier.tp_size, "device": cfg.verifier.device,
-                 "dtype": cfg.verifier.dtype}
-            ] * cfg.verifier.count,
-        )
-        return cls(engine, info)
+        return cls(engine, backend_info(cfg, vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len))
 
     def info(self) -> BackendInfo:
         return self._info
@@ -172,7 +129,8 @@ class EngineBackend:
                     route=request.speculate,
                 )
             except ValueError as exc:
-                self._emit(GenerationChunk(request.request_id, [], error=str(exc)))
+                error = ChunkError(ErrorCode.INVALID_ARGUMENT, str(exc))
+                self._emit(GenerationChunk(request.request_id, [], error=error))
         elif command == "cancel":
             self.engine.cancel(payload)
 
@@ -196,16 +154,16 @@ class EngineBackend:
                 finished = self.engine.step()
             except Exception as exc:  # a failed round must not kill the server
                 logger.exception("engine round failed")
-                self._fail_all(str(exc))
+                self._fail_all(f"the engine failed a round ({type(exc).__name__}); see the server log")
                 continue
             for out in finished:
                 if out.finish_reason != FinishReason.CANCELLED:
                     self._emit(
-                        GenerationChunk(out.request_id, [], out.finish_reason, stats_dict(out.stats))
+                        GenerationChunk(out.request_id, [], out.finish_reason, out.stats)
                     )
 
     def _fail_all(self, message: str) -> None:
         for rid in self.engine.request_ids:
             self.engine.cancel(rid)
-            self._emit(GenerationChunk(rid, [], error=message))
+            self._emit(GenerationChunk(rid, [], error=ChunkError(ErrorCode.INTERNAL, message)))
         self.engine.step()  # drain the cancelled outputs
