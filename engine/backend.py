@@ -154,7 +154,7 @@ class EngineBackend:
                 finished = self.engine.step()
             except Exception as exc:  # a failed round must not kill the server
                 logger.exception("engine round failed")
-                self._fail_all(f"the engine failed a round ({type(exc).__name__}); see the server log")
+                self._fail_all(str(exc))
                 continue
             for out in finished:
                 if out.finish_reason != FinishReason.CANCELLED:

@@ -37,7 +37,7 @@ def test_tp2_verifier_group_on_ray_is_exact(tmp_path):
     with token_auth(tmp_path):
         runtime = RayRuntime.start(cfg)
         try:
-            bundles = ray.util.placement_group_table(runtime.group)["bundles"]
+            bundles = ray.util.placement_group_table(runtime.groups[0])["bundles"]
             assert len(bundles) == 2
             outs = runtime.engine.generate(prompts, SamplingParams(max_new_tokens=16), drafter="self")
             assert [o.token_ids for o in outs] == expected
