@@ -1,6 +1,6 @@
 """Time, passed in: the scheduler and every policy are *told* the time, never read it.
 
-Where it sits: the engine driver (``engine/engine.py``) reads a ``Clock`` once per
+Where it sits: the engine driver (``engine/driver.py``) reads a ``Clock`` once per
 event and hands ``now_ns`` to ``Scheduler`` calls; the simulator (``sim/``) drives the
 same scheduler from a simulated clock, and scheduler tests from a ``ManualClock``.
 That is what lets a capacity plan be a prediction of this very scheduling code.

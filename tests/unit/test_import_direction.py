@@ -20,7 +20,13 @@ FORBIDDEN = {
     "drafters": {"verifiers", "engine", "router", "cluster", "zoo"},
     "models": {"zoo", "drafters", "verifiers", "engine", "router", "cluster"},
     "verifiers": {"drafters", "engine", "router", "cluster", "zoo"},
+    "cluster": {"router"},
 }
+
+# Files that decide (the scheduler, every policy) are told the time and never touch a
+# tensor: the simulator runs them on a simulated clock without torch.
+DECIDERS = [REPO / "engine" / "scheduler.py", *sorted((REPO / "policy").glob("*.py"))]
+WALL_CLOCK_OR_TENSORS = {"time", "datetime", "torch", "numpy", "ray"}
 
 
 def first_party_imports(path: Path):
@@ -42,3 +48,16 @@ def test_folder_imports_follow_the_direction(folder):
            for path in sorted((REPO / folder).glob("*.py"))
            for line, pkg in first_party_imports(path) if pkg in FORBIDDEN[folder]]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", DECIDERS, ids=lambda p: str(p.relative_to(REPO)))
+def test_deciders_read_no_clock_and_hold_no_tensors(path):
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        bad += [f"line {node.lineno}: {n}" for n in names if n.split(".")[0] in WALL_CLOCK_OR_TENSORS]
+    assert not bad, f"{path.relative_to(REPO)} imports " + ", ".join(bad)
