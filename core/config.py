@@ -67,7 +67,7 @@ class DrafterConfig:
 @dataclass(frozen=True)
 class VerifierConfig:
     tp_size: int = _f(1, "tensor-parallel ranks per verifier group", min=1)
-    count: int = _f(1, "verifier groups; today one is driven (more log a warning)", min=1)
+    count: int = _f(1, "verifier groups, each a copy of the target (own placement group on Ray); requests go to the least loaded; max_batch_size is per group", min=1)
     device: Device = _f("cpu", "device for the target model")
     dtype: DType = _f("float32", "target weights/activations dtype")
     max_batch_size: int = _f(8, "requests verified together in one forward pass", min=1)
