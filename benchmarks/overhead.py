@@ -3,7 +3,7 @@
 Where it sits: offline, outside any request path (docs/deployment.md quotes its
 numbers). The same workload — same config, same prompts, greedy, exact outputs
 checked equal — runs through ``SpecEngine`` in this process and through
-``ActorSpecEngine`` over actors; per round we record wall time and the actors'
+the same engine driver over the Ray executor; per round we record wall time and the actors'
 own compute time, so
 
 - ``overhead = actor round wall − in-actor compute on the critical path`` (calls,

@@ -61,6 +61,7 @@ def time_verify(variants, batch: int, steps: int, warmup: int, draft: int, seed:
     is shared) instead of one variant getting a quiet minute and another a busy one.
     """
     from specfleet.core.types import DraftProposal, SamplingParams
+    from specfleet.core.workers import VerifyCall
 
     gen = torch.Generator().manual_seed(seed)
     vocab = variants[0][0].runner.vocab_size
@@ -68,8 +69,9 @@ def time_verify(variants, batch: int, steps: int, warmup: int, draft: int, seed:
     rids = [f"bench-{i}" for i in range(batch)]
     prompts = [torch.randint(0, vocab, (32,), generator=gen).tolist() for _ in rids]
     verifiers = list({id(v): v for v, _ in variants}.values())
-    for verifier in verifiers:
-        verifier.add_requests([(r, p, params) for r, p in zip(rids, prompts)])
+    # Per verifier and request: (committed length told, tokens to tell next). The
+    # first call prefills the prompt (a warm-up step, never timed: warmup >= 1).
+    told = {id(v): {r: (0, list(p)) for r, p in zip(rids, prompts)} for v in verifiers}
     times: list[list[float]] = [[] for _ in variants]
     for step in range(warmup + steps):
         for k, (verifier, threads) in enumerate(variants):
@@ -79,8 +81,12 @@ def time_verify(variants, batch: int, steps: int, warmup: int, draft: int, seed:
                               DraftProposal.chain_parents(draft), [0.5] * draft)
                 for r in rids
             ]
+            state = told[id(verifier)]
+            calls = [VerifyCall(r, state[r][0], state[r][1], params, p) for r, p in zip(rids, proposals)]
             start = time.perf_counter()
-            verifier.verify(proposals)
+            reply = verifier.verify(calls)
+            for call, result in zip(calls, reply.results):
+                state[call.request_id] = (call.position + len(call.new_tokens), result.emitted)
             if step >= warmup:
                 times[k].append((time.perf_counter() - start) * 1e3)
     for verifier in verifiers:

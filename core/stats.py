@@ -102,9 +102,11 @@ class SpecDecodingStats:
     def observe(self, *, drafter: str, domain: str, group: int, drafted: int, accepted: int,
                 emitted: int) -> None:
         _count_positions(self.position_drafted, self.position_accepted, drafted, accepted)
-        self.per_drafter.setdefault(drafter, Counts()).add(drafted, accepted, emitted)
-        self.per_domain.setdefault(domain, Counts()).add(drafted, accepted, emitted)
-        self.per_group.setdefault(group, Counts()).add(drafted, accepted, emitted)
+        for table, key in ((self.per_drafter, drafter), (self.per_domain, domain), (self.per_group, group)):
+            counts = table.get(key)
+            if counts is None:
+                counts = table[key] = Counts()
+            counts.add(drafted, accepted, emitted)
 
 
 @dataclass(frozen=True)

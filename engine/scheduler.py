@@ -68,14 +68,13 @@ class _Request:
     stop: StopChecker
     arrival_ns: int
     tokens: list[int] = field(default_factory=list)  # prompt + committed
+    # The committed tokens alone, kept beside ``tokens`` (slicing them off every round
+    # was the scheduler's largest per-round cost).
+    generated: list[int] = field(default_factory=list)
     group: int | None = None  # verifier group holding its KV, once admitted
     verifier_seen: int = 0  # committed tokens the group's verifier has been sent
     drafter_seen: dict[str, int] = field(default_factory=dict)  # drafter → committed tokens sent
     stats: RequestStats = field(default_factory=RequestStats)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.prompt) :]
 
 
 @dataclass
@@ -331,6 +330,7 @@ class Scheduler:
                 continue
             committed, finish = req.stop.commit(req.generated, result.emitted)
             req.tokens.extend(committed)
+            req.generated.extend(committed)
             accepted = min(result.num_accepted, len(committed))
             drafter = rnd.drafter_of.get(result.request_id)
             drafted = result.num_drafted if drafter else 0
