@@ -34,14 +34,15 @@ from specfleet.policy.domains import DOMAINS
 logger = logging.getLogger(__name__)
 
 
-def bench_config(zoo: str, target: str, groups: int, batch: int, window: int) -> SpecFleetConfig:
+def bench_config(zoo: str, target: str, groups: int, batch: int, window: int,
+                 verifier_threads: int = 1) -> SpecFleetConfig:
     drafters = [{"name": d, "kind": "model", "model": f"zoo:{zoo}/drafter-{d}", "domain": d,
                  "resources": {"num_cpus": 0.2}} for d in DOMAINS]
     return from_mapping({
         "models": {"target": f"zoo:{zoo}/{target}", "tokenizer": f"zoo:{zoo}/tokenizer"},
         "drafters": drafters,
         "verifier": {"count": groups, "max_batch_size": batch // groups, "max_seq_len": 256,
-                     "resources": {"num_cpus": 0.5}},
+                     "resources": {"num_cpus": 0.5, "torch_threads": verifier_threads}},
         "router": {"policy": "fixed", "default_drafter": DOMAINS[0]},
         "scheduler": {"draft_length": window, "adaptive": False},
         "cluster": {"num_cpus": 2, "compiled_graph": False},
@@ -59,23 +60,24 @@ def _drive(engine, work: list[tuple[str, list[int]]], params: SamplingParams) ->
 
 
 def run(zoo: str, target: str, batch: int, groups: list[int], backends: list[str], max_new: int,
-        runs: int, window: int) -> dict:
+        runs: int, window: int, verifier_threads: int = 1) -> dict:
     import torch
 
     from specfleet.models.loading import load_tokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(verifier_threads)
     tokenizer = load_tokenizer(f"zoo:{zoo}/tokenizer")
     prompts = heldout_prompts(zoo, tokenizer, max(1, batch // len(DOMAINS) + 1), 32)
     work = [(DOMAINS[i % len(DOMAINS)], prompts[DOMAINS[i % len(DOMAINS)]][i // len(DOMAINS)])
             for i in range(batch)]
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     report = {"machine": machine_description(), "zoo": zoo, "target": target, "batch": batch,
-              "max_new_tokens": max_new, "window": window, "runs": runs, "results": {}}
+              "max_new_tokens": max_new, "window": window, "runs": runs,
+              "verifier_threads": verifier_threads, "results": {}}
     reference = None
     for backend in backends:
         for count in groups:
-            cfg = bench_config(zoo, target, count, batch, window)
+            cfg = bench_config(zoo, target, count, batch, window, verifier_threads)
             engine, runtime = _build(backend, cfg)
             try:
                 _drive(engine, work, params)  # warm-up
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--draft-length", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--verifier-threads", type=int, default=1,
+                        help="torch threads per Ray verifier actor (in process: this process' threads)")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(args.batch % g for g in groups):
         parser.error(f"--batch {args.batch} must split evenly over every --groups value")
     report = run(args.zoo, args.target, args.batch, groups, args.backends.split(","),
-                 args.max_new_tokens, args.runs, args.draft_length)
+                 args.max_new_tokens, args.runs, args.draft_length, args.verifier_threads)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
