@@ -7,9 +7,17 @@ logits. Speculative sampling is only lossless if the target's ``p`` and the draf
 ``q`` went through identical processing, so there is exactly one implementation of
 temperature / top-k / top-p in the project, and this is it.
 
-Every random number comes from a per-request ``torch.Generator`` (``make_generator``):
-a fixed ``SamplingParams.seed`` reproduces the output, and in a tensor-parallel group
-only rank 0, which owns the generator, ever draws.
+Position-keyed randomness (``keyed_choice``): the random choice of a request's token
+at absolute sequence position ``L`` is made with noise drawn from a generator keyed
+by ``(seed, L)`` alone — a counter-based stream, never a sequential one whose
+consumption would depend on how many drafts a round checked. The choice is an
+exponential race (equivalently Gumbel-max): with ``E_v = -log U_v`` for keyed
+uniforms ``U``, the token is ``argmax_v p(v) / E_v``, which is distributed exactly as
+``p``. The verifier (``verifiers/acceptance.py``: ``accept_keyed``) and sampling
+drafters draw with the same keyed noise, so a drafter whose ``q`` is close to ``p``
+mostly picks the very token the target will, and the output is a function of
+(prompt, parameters, seed) only. In a tensor-parallel group only rank 0 decides.
+The noise is generated on the CPU in float64, so it does not depend on the device.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import math
 import os
 
 import torch
+
+_MASK64 = (1 << 64) - 1
+SEED_LIMIT = 1 << 64  # seeds are uint64: 0 <= seed < 2**64
 
 
 def processed_probs(
@@ -95,3 +106,46 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def _splitmix64(x: int) -> int:
+    """One SplitMix64 step (Steele et al.): a bijective mix of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_key(seed: int, position: int) -> int:
+    """The 63-bit generator seed for ``(seed, position)``: integer arithmetic mod 2**64,
+    so any uint64 seed and any position work, and nearby keys share no structure."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 1
+
+
+def keyed_exponentials(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """``[V]`` float64 standard exponentials, a pure function of (seed, position, vocab)."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(position_key(seed, position))
+    uniforms = torch.rand(vocab, generator=generator, dtype=torch.float64)  # [V] in [0, 1)
+    # -log(1 - U) is finite (1 - U > 0) and 0 only for U == 0 (chance 2**-53): keep it > 0.
+    return (-torch.log1p(-uniforms)).clamp_min(1e-300)
+
+
+def keyed_choice(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token at absolute sequence ``position`` of a request seeded ``seed``, drawn
+    from ``probs`` ``[V]`` (need not be normalised) by an exponential race on keyed
+    noise. Exact: ``P(token = v) = p(v) / sum(p)``; zero-probability tokens never win."""
+    if probs.dim() != 1:
+        raise ValueError(f"probs: expected shape [V], got {tuple(probs.shape)}")
+    p = probs.detach().to(device="cpu", dtype=torch.float64)  # [V]
+    race = p / keyed_exponentials(seed, position, p.shape[0])  # [V]
+    token = int(torch.argmax(race))
+    if not p[token] > 0:
+        raise ValueError("probs: must have positive, finite mass")
+    return token
+
+
+def draw_seed() -> int:
+    """A fresh uint64 seed for a sampled request that came without one (it is returned
+    to the client, so the output can be reproduced by sending it back)."""
+    return int.from_bytes(os.urandom(8), "little")

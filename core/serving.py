@@ -46,6 +46,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None  # set on the last chunk only
     stats: RequestStats | None = None  # on the last chunk
     error: ChunkError | None = None  # the request failed (this is its last chunk)
+    seed: int | None = None  # on the last chunk of a sampled request: resend it to reproduce
 
 
 @dataclass
@@ -57,6 +58,7 @@ class GenerationOutput:
     token_ids: list[int]  # generated tokens only
     finish_reason: FinishReason
     stats: RequestStats
+    seed: int | None = None  # the sampling seed used (drawn at submit if none was given)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 disables nucleus filtering
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # stop sequences, matched on decoded text
-    seed: int | None = None  # per-request RNG seed: same seed, same sampled output
+    # Sampling seed (uint64): the same (prompt, parameters, seed) gives the same tokens,
+    # with or without speculation. None: one is drawn at submit and returned.
+    seed: int | None = None
     ignore_eos: bool = False  # benchmarks decode a fixed length
 
     @property
@@ -55,6 +57,8 @@ class SamplingParams:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed: must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass

@@ -5,11 +5,13 @@ Where it sits: each speculation round the engine (or this drafter's Ray actor) c
 committed-token delta, then decodes ``num_draft_tokens`` tokens autoregressively,
 all requests of the batch together (ragged, through ``LlamaRunner``).
 
-Greedy requests get argmax drafts (deterministic proposals, q one-hot). Sampled
-requests get drafts *sampled* from the drafter's processed distribution q (same
-temperature/top-k/top-p as the target) and the proposal carries q so the verifier
-can apply min(1, p/q). The drafter's RNG is its own, seeded from the request seed,
-so a fixed seed reproduces the same drafts and therefore the same output.
+Greedy requests get argmax drafts. Sampled requests get drafts drawn from the
+drafter's processed distribution q (same temperature/top-k/top-p as the target)
+with the *same position-keyed noise* the verifier uses for p (``keyed_choice`` in
+``core/sampling.py``): where q is close to p the drafter picks the very token the
+target will, so drafts are accepted about as often as with the rejection rule, and
+the verifier needs no q (nothing but token ids travels). The output never depends
+on the drafts: it is the target's keyed choice at every position.
 
 Cache reuse: tokens the drafter itself proposed and the verifier accepted are
 already in its cache; only the part of the committed delta it has not seen (at
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specfleet.core.sampling import make_generator, processed_probs, sample
+from specfleet.core.sampling import draw_seed, keyed_choice, processed_probs
 from specfleet.core.types import DraftProposal, DraftRequest
 from specfleet.drafters.base import Drafter
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
@@ -34,11 +36,14 @@ from specfleet.models.llama_runner import ForwardItem, LlamaRunner
 class _State:
     committed: list[int] = field(default_factory=list)  # the committed sequence as last told
     cached: list[int] = field(default_factory=list)  # tokens whose K/V are in the runner
-    generator: torch.Generator | None = None
+    seed: int | None = None  # the request's sampling seed (sampled requests)
 
 
 class ModelDrafter(Drafter):
     can_sample = True
+    #: attach each sampled node's q to the proposal (only a rejection-rule verifier
+    #: uses it; the keyed rule does not, so by default nothing but ids travels)
+    ships_q = False
 
     def __init__(self, runner: LlamaRunner, *, name: str = "model", max_draft_tokens: int = 8):
         self.runner = runner
@@ -64,10 +69,10 @@ class ModelDrafter(Drafter):
             feeds.append(ForwardItem(req.request_id, feed, logit_rows=[len(feed) - 1]))
             state.cached = state.cached + feed
             windows[req.request_id] = window
-            if not req.sampling.greedy and state.generator is None:
-                # Offset the seed so drafter and verifier streams differ but stay reproducible.
-                seed = None if req.sampling.seed is None else req.sampling.seed + 0x5EED
-                state.generator = make_generator(seed)
+            if not req.sampling.greedy and state.seed is None:
+                # Engines seed every sampled request at the edge; without one, these
+                # drafts cannot match the verifier's noise, which costs speed only.
+                state.seed = draw_seed() if req.sampling.seed is None else req.sampling.seed
 
         by_id = {req.request_id: req for req in requests}
         drafts: dict[str, list[int]] = {rid: [] for rid in windows}
@@ -80,13 +85,16 @@ class ModelDrafter(Drafter):
             for item, row in zip(items, logits):
                 rid = item.request_id
                 sampling = by_id[rid].sampling
+                state = self._states[rid]
                 if sampling.greedy:
                     probs = torch.softmax(row[-1], dim=-1)
                     token = int(torch.argmax(row[-1]))
                 else:
                     probs = processed_probs(row[-1], sampling.temperature, sampling.top_k, sampling.top_p)
-                    token = sample(probs, self._states[rid].generator)
-                    qs[rid].append(probs.numpy())
+                    # The draft's absolute position: committed length + drafts so far.
+                    token = self.draw(probs, state.seed, len(state.committed) + len(drafts[rid]))
+                    if self.ships_q:
+                        qs[rid].append(probs.numpy())
                 drafts[rid].append(token)
                 confidences[rid].append(float(probs[token]))
                 if len(drafts[rid]) < windows[rid]:
@@ -112,6 +120,10 @@ class ModelDrafter(Drafter):
                 )
             )
         return proposals
+
+    def draw(self, probs: torch.Tensor, seed: int, position: int) -> int:
+        """A sampled request's draft token at absolute ``position``."""
+        return keyed_choice(probs, seed, position)
 
     def _catch_up(self, req: DraftRequest) -> _State:
         state = self._states.get(req.request_id)

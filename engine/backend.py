@@ -159,7 +159,7 @@ class EngineBackend:
             for out in finished:
                 if out.finish_reason != FinishReason.CANCELLED:
                     self._emit(
-                        GenerationChunk(out.request_id, [], out.finish_reason, out.stats)
+                        GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
                     )
 
     def _fail_all(self, message: str) -> None:

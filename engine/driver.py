@@ -16,12 +16,14 @@ and return the requests that finished.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 
 from specfleet.core.clock import Clock, MonotonicClock
 from specfleet.core.load import LoadSnapshot
+from specfleet.core.sampling import draw_seed
 from specfleet.core.serving import GenerationOutput
 from specfleet.core.stats import RoundTiming, SpecDecodingStats
 from specfleet.core.types import SamplingParams
@@ -78,9 +80,15 @@ class EngineDriver:
     ) -> str:
         """Queue a request; ``drafter=None`` decodes it without speculation unless
         ``route`` asks the router (or the default drafter) to pick one. Raises
-        ValueError naming the problem for a request that cannot be served."""
+        ValueError naming the problem for a request that cannot be served.
+
+        A sampled request without a seed gets one here (returned with its output), so
+        its tokens can be reproduced by sending that seed back."""
+        sampling = sampling or SamplingParams()
+        if not sampling.greedy and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=draw_seed())
         return self.scheduler.add(
-            prompt, sampling or SamplingParams(), now_ns=self.clock.now_ns(), drafter=drafter,
+            prompt, sampling, now_ns=self.clock.now_ns(), drafter=drafter,
             route=route, request_id=request_id, max_draft_length=max_draft_length,
         )
 

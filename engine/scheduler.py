@@ -362,7 +362,8 @@ class Scheduler:
         if req.drafter is not None:
             self.draft_length.forget(req.request_id)
         self._finished.append(
-            GenerationOutput(req.request_id, req.prompt, list(req.generated), reason, req.stats))
+            GenerationOutput(req.request_id, req.prompt, list(req.generated), reason, req.stats,
+                             req.sampling.seed))
 
     def drain_finished(self) -> list[GenerationOutput]:
         done, self._finished = self._finished, []

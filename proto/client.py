@@ -86,6 +86,7 @@ class GenerationResult:
     usage: Usage
     stats: SpeculationStats
     timings: Timings
+    seed: int | None = None  # the sampling seed used (sampled requests): resend to reproduce
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class StreamChunk:
     usage: Usage | None = None
     stats: SpeculationStats | None = None
     timings: Timings | None = None
+    seed: int | None = None  # last chunk of a sampled request: the seed used
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ def result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         usage=_usage(msg.usage),
         stats=_stats(msg.stats),
         timings=_timings(msg.timings),
+        seed=msg.seed if msg.HasField("seed") else None,
     )
 
 
@@ -221,6 +224,7 @@ def chunk_from_proto(msg: pb.GenerateChunk) -> StreamChunk:
         usage=_usage(msg.usage) if last else None,
         stats=_stats(msg.stats) if last else None,
         timings=_timings(msg.timings) if last else None,
+        seed=msg.seed if last and msg.HasField("seed") else None,
     )
 
 

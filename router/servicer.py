@@ -106,6 +106,8 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                         response.usage.CopyFrom(chunk.usage)
                         response.stats.CopyFrom(chunk.stats)
                         response.timings.CopyFrom(chunk.timings)
+                        if chunk.HasField("seed"):
+                            response.seed = chunk.seed
         response.text = "".join(text)
         return response
 
@@ -170,6 +172,8 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                     _fill_stats(out.stats, chunk)
                     out.timings.total_ns = time.perf_counter_ns() - prepared.received_ns
                     out.timings.first_token_ns = first_token_ns
+                    if chunk.seed is not None:
+                        out.seed = chunk.seed
                     yield out
                     return
                 yield out

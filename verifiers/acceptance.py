@@ -14,7 +14,25 @@ fusion, pipelining, draft length) may change it:
 
 - Greedy: follow the target's argmax down the tree; emit the argmax where no child
   matches (recovered) or where the path ends (bonus).
-- Sampled: SpecInfer multi-step speculative sampling. At each node, with ``p`` the
+- Sampled, position-keyed (``accept_keyed``, what the verifier runs): the target's
+  token at absolute sequence position ``L`` is ``keyed_choice(p_L, seed, L)``
+  (``core/sampling.py``: an exponential race on noise keyed by (seed, L) alone).
+  Walk down the tree: a child is accepted iff its token equals the target's keyed
+  choice at its depth; at the first node with no such child the keyed choice is
+  emitted (recovered), at a leaf it is the bonus. Exactness: given the committed
+  prefix up to ``L``, the noise at ``L`` is fresh (it was never used for an earlier
+  position) and independent of the prefix, which is a function of the noise at
+  positions ``< L`` only; so the token at ``L`` is distributed as ``p_L`` given the
+  prefix, exactly the target's own sampling. Drafts only decide how many positions
+  one forward pass settles, never which token wins, so the output is the same
+  function of (prompt, parameters, seed) with or without speculation, whatever
+  drafter, window, batch, group or restart served it. One-hot drafts are accepted
+  with probability ``p(x)`` (the race picks ``x`` that often); a sampling drafter
+  that draws with the same keyed noise on its ``q`` matches the target with
+  probability at least ``(1 - TV) / (1 + TV)`` (drafter-invariant coupling).
+- Sampled, rejection rule (``accept_sampled``, kept as the reference the coupled rule
+  is measured against; no request path uses it): SpecInfer multi-step speculative
+  sampling. At each node, with ``p`` the
   target's processed distribution, test the children in index order: a child drawn
   from ``q`` is accepted with probability ``min(1, p(x) / q(x))``, and a rejection
   replaces ``p`` by ``norm(max(0, p - q))``. A deterministic child (greedy drafter,
@@ -34,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specfleet.core.sampling import processed_probs, sample
+from specfleet.core.sampling import keyed_choice, processed_probs, sample
 from specfleet.core.types import ROOT, SamplingParams
 
 # Per-node draft distributions for ``accept_sampled``; see its docstring.
@@ -92,6 +110,41 @@ def accept_greedy(
         best = argmax[node + 1]
         emitted.append(best)
         match = next((c for c in children[node + 1] if tokens[c] == best), None)
+        if match is None:
+            return Acceptance(accepted, emitted)
+        accepted.append(match)
+        node = match
+
+
+def accept_keyed(
+    target_logits: torch.Tensor,
+    tokens: Sequence[int],
+    parents: Sequence[int],
+    sampling: SamplingParams,
+    seed: int,
+    position: int,
+) -> Acceptance:
+    """Position-keyed sampled verification (see the module docstring).
+
+    ``target_logits``: ``[N+1, V]`` raw target logits, processed here with the
+    request's temperature/top_k/top_p; ``position``: the absolute sequence index of
+    the first token this round emits (the committed length). Node ``i`` at depth
+    ``d`` (a child of ROOT has depth 0) is accepted iff it is the first child, in
+    index order, whose token equals ``keyed_choice(p, seed, position + d)``.
+    """
+    if sampling.greedy:
+        raise ValueError("sampling.temperature is 0: greedy requests use accept_greedy")
+    children = _validated_children(target_logits, tokens, parents)
+    accepted: list[int] = []
+    emitted: list[int] = []
+    node = ROOT
+    while True:
+        p = processed_probs(
+            target_logits[node + 1], sampling.temperature, sampling.top_k, sampling.top_p
+        )  # [V]
+        choice = keyed_choice(p, seed, position + len(emitted))
+        emitted.append(choice)
+        match = next((c for c in children[node + 1] if tokens[c] == choice), None)
         if match is None:
             return Acceptance(accepted, emitted)
         accepted.append(match)

@@ -27,14 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from specfleet.core.sampling import make_generator
+from specfleet.core.sampling import draw_seed
 from specfleet.core.types import ROOT, DraftProposal, SamplingParams, VerifyResult
 from specfleet.core.workers import DraftReply, VerifyCall, VerifyReply
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
-from specfleet.verifiers.acceptance import accept_greedy, accept_sampled
+from specfleet.verifiers.acceptance import Acceptance, accept_greedy, accept_keyed
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +41,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Request:
     sampling: SamplingParams
-    generator: torch.Generator | None  # the request's random stream (sampled requests)
+    seed: int  # keys the request's sampling noise by position (unused when greedy)
     tokens: list[int] = field(default_factory=list)  # the committed sequence, as told
     cached: list[int] = field(default_factory=list)  # tokens whose K/V the runner holds, in order
     last_verified_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 class Verifier:
-    """Owns the target runner and, per request, the KV cache and random stream.
+    """Owns the target runner and, per request, the KV cache and sampling seed.
 
     ``eos_token_ids`` and ``decode`` describe the target's vocabulary; the verifier
     does not use them (the scheduler applies the stop rule), it carries them so the
@@ -90,8 +89,10 @@ class Verifier:
                 return None
             call.sampling.validate()
             self.runner.allocate(call.request_id)
-            generator = None if call.sampling.greedy else make_generator(call.sampling.seed)
-            req = self._requests[call.request_id] = _Request(call.sampling, generator)
+            # Engines seed every sampled request at the edge; a bare verifier call
+            # without one gets a fresh seed, kept for the request's life.
+            seed = draw_seed() if call.sampling.seed is None else call.sampling.seed
+            req = self._requests[call.request_id] = _Request(call.sampling, seed)
         if call.position > len(req.tokens):
             return None
         del req.tokens[call.position :]
@@ -149,13 +150,7 @@ class Verifier:
 
         results = {}
         for (rid, req, proposal, pending), logits in zip(work, all_logits):
-            if req.sampling.greedy:
-                outcome = accept_greedy(logits, proposal.tokens, proposal.parents)
-            else:
-                outcome = accept_sampled(
-                    logits, proposal.tokens, proposal.parents, req.sampling, req.generator,
-                    _draft_probs(proposal),
-                )
+            outcome = self._accept(req, logits, proposal)
             # The cache keeps the pending tokens and the accepted path; the newest
             # emitted token becomes pending.
             n_pending = len(pending)
@@ -178,18 +173,21 @@ class Verifier:
         return VerifyReply(ordered, time.perf_counter_ns() - start, tuple(unknown))
 
 
+    def _accept(self, req: _Request, logits: torch.Tensor, proposal: DraftProposal) -> Acceptance:
+        """The accept rule for one request's round; ``len(req.tokens)`` is the absolute
+        position of the first token it emits (what keys the sampling noise)."""
+        if req.sampling.greedy:
+            return accept_greedy(logits, proposal.tokens, proposal.parents)
+        return accept_keyed(logits, proposal.tokens, proposal.parents, req.sampling, req.seed,
+                            len(req.tokens))
+
+
 def _trim(proposal: DraftProposal, n: int) -> DraftProposal:
     q = None if proposal.draft_probs is None else proposal.draft_probs[:n]
     return DraftProposal(
         proposal.request_id, proposal.tokens[:n], proposal.parents[:n],
         proposal.confidences[:n], q, proposal.drafter,
     )
-
-
-def _draft_probs(proposal: DraftProposal) -> torch.Tensor | None:
-    if proposal.draft_probs is None:
-        return None
-    return torch.from_numpy(np.asarray(proposal.draft_probs, dtype=np.float32))
 
 
 def _path_length(parents: Sequence[int]) -> int:

@@ -297,3 +297,38 @@ def test_info_health_and_reflection(stack, client):
         assert {"specfleet.v1.SpecFleet", "grpc.health.v1.Health"} <= services
         generate = db.FindFileContainingSymbol("specfleet.v1.SpecFleet")
         assert generate.package == "specfleet.v1"
+
+
+# ---- seeded sampling through the API ---------------------------------------------------------
+SAMPLED = [dict(temperature=0.7), dict(temperature=1.0, top_k=40, top_p=0.9)]
+
+
+@pytest.mark.parametrize("params", SAMPLED, ids=["t0.7", "t1.0-topk-topp"])
+def test_same_seed_same_tokens_through_the_api(stack, client, params):
+    prompt, seed = PROMPTS[0], 2**64 - 1
+    off = client.generate(prompt, max_new_tokens=NEW_TOKENS, seed=seed, speculate=False, **params)
+    assert off.seed == seed and len(off.token_ids) >= 1
+    for drafter in ["general", "code", "ngram", "suffix", None]:  # None: the router's choice
+        for max_draft in [1, 3, 6, None]:
+            got = client.generate(prompt, max_new_tokens=NEW_TOKENS, seed=seed, drafter=drafter,
+                                  max_draft_length=max_draft, **params)
+            assert got.token_ids == off.token_ids, (drafter, max_draft)
+
+    async def crowd():  # among 32 concurrent requests (other prompts, other seeds)
+        async with AsyncClient(stack.server.address, timeout=120) as aclient:
+            others = [aclient.generate(PROMPTS[i % 4], max_new_tokens=NEW_TOKENS, seed=i, **params)
+                      for i in range(31)]
+            mine = aclient.generate(prompt, max_new_tokens=NEW_TOKENS, seed=seed, **params)
+            return (await asyncio.gather(mine, *others))[0]
+
+    assert asyncio.run(crowd()).token_ids == off.token_ids
+
+
+def test_unseeded_request_returns_the_seed_that_reproduces_it(client):
+    first = client.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, temperature=1.0)
+    assert first.seed is not None
+    again = client.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=first.seed)
+    assert again.token_ids == first.token_ids
+    chunks = list(client.stream(PROMPTS[1], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=first.seed))
+    assert chunks[-1].seed == first.seed and [t for c in chunks for t in c.token_ids] == first.token_ids
+    assert client.generate(PROMPTS[1], max_new_tokens=4).seed is None  # greedy: no seed involved

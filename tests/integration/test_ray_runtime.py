@@ -149,9 +149,10 @@ def test_backend_streams_exact_tokens(runtime, expected):
     assert backend.info().vocab_size == 97
 
 
-def _run_killing(runtime, kill, drafter="self", rounds_before=2):
+def _run_killing(runtime, kill, drafter="self", rounds_before=2, sampling=None):
     engine = runtime.engine
-    ids = [engine.submit(p, SamplingParams(max_new_tokens=N), drafter=drafter) for p in PROMPTS]
+    sampling = sampling or SamplingParams(max_new_tokens=N)
+    ids = [engine.submit(p, sampling, drafter=drafter) for p in PROMPTS]
     done = {}
     for _ in range(rounds_before):
         done.update((o.request_id, o) for o in engine.step())
@@ -184,6 +185,17 @@ def test_verifier_death_resumes_from_committed_tokens(runtime, expected):
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     assert all(o.finish_reason == FinishReason.LENGTH for o in outs)
     assert handle.restarts == before + 1 and handle.actor != old
+
+
+def test_seeded_sampling_is_reproduced_across_a_verifier_death(runtime):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=N, seed=2**64 - 1)
+    calm = runtime.engine.generate(PROMPTS, params, drafter="random")
+    handle = runtime.verifier
+    outs = _run_killing(runtime, lambda: ray.kill(handle.actor, no_restart=True), drafter="random",
+                        sampling=params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in calm]
+    plain = runtime.engine.generate(PROMPTS, params, drafter=None)
+    assert [o.token_ids for o in plain] == [o.token_ids for o in calm]
 
 
 # ---- failures while rounds run through the compiled graph --------------------------------

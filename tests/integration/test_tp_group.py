@@ -130,6 +130,8 @@ def test_sampled_fixed_seed_tp2_equals_tp1(group, target):
     tp1 = generate(tp1_verifier(model), random_drafter(), params)
     tp2 = generate(group, random_drafter(), params)
     assert tp2 == tp1
+    # Keyed sampling: the same seeds give the same tokens without any drafts, too.
+    assert generate(group, {}, params, drafter=None) == tp1
     assert tp1 != generate(tp1_verifier(model), random_drafter(), SamplingParams(max_new_tokens=NEW))
 
 
