@@ -96,7 +96,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
-    """A request's RNG: seeded from ``seed``, or from ``os.urandom`` when it is None.
+    """A sequential RNG (the rejection rule's reference path in benchmarks and tests;
+    no request path uses one): seeded from ``seed``, or from ``os.urandom`` when None.
 
     An unseeded request must not share torch's global generator, whose state other
     requests (and libraries) also advance; its own fresh seed keeps requests apart.

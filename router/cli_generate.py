@@ -63,8 +63,10 @@ def exit_code(error) -> int:
     }.get(error.code, EXIT_FAILED)
 
 
-def _summary(finish_reason, usage, stats) -> str:
+def _summary(finish_reason, usage, stats, seed=None) -> str:
     line = f"[finish={finish_reason} prompt={usage.prompt_tokens} completion={usage.completion_tokens}"
+    if seed is not None:  # resend with --seed to reproduce
+        line += f" seed={seed}"
     if stats.rounds:
         line += (f" accepted={stats.accepted}/{stats.drafted}"
                  f" mean_acceptance_length={stats.mean_acceptance_length:.2f}")
@@ -93,7 +95,7 @@ def _generate(args) -> int:
                     print(json.dumps(dataclasses.asdict(result)))
                 else:
                     print(result.text)
-                    print(_summary(result.finish_reason, result.usage, result.stats),
+                    print(_summary(result.finish_reason, result.usage, result.stats, result.seed),
                           file=sys.stderr)
     except SpecFleetError as exc:
         if partial_line[0]:
@@ -115,4 +117,4 @@ def _print_stream(chunks, as_json: bool, partial_line: list[bool]) -> None:
         if chunk.finish_reason is not None:
             print(flush=True)
             partial_line[0] = False
-            print(_summary(chunk.finish_reason, chunk.usage, chunk.stats), file=sys.stderr)
+            print(_summary(chunk.finish_reason, chunk.usage, chunk.stats, chunk.seed), file=sys.stderr)

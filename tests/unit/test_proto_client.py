@@ -63,7 +63,12 @@ def test_result_and_chunk_conversion():
     mid = sdk.chunk_from_proto(pb.GenerateChunk(request_id="r", text="h", token_ids=[1]))
     assert mid.finish_reason is None and mid.usage is None and mid.stats is None
     last = sdk.chunk_from_proto(pb.GenerateChunk(finish_reason=pb.FINISH_REASON_STOP))
-    assert last.finish_reason == "stop" and last.usage == sdk.Usage(0, 0)
+    assert last.finish_reason == "stop" and last.usage == sdk.Usage(0, 0) and last.seed is None
+    assert res.seed is None
+    seeded = sdk.result_from_proto(pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH, seed=2**64 - 1))
+    assert seeded.seed == 2**64 - 1  # the whole uint64 range round-trips
+    chunk = sdk.chunk_from_proto(pb.GenerateChunk(finish_reason=pb.FINISH_REASON_LENGTH, seed=0))
+    assert chunk.seed == 0
 
 
 def test_backoff_is_exponential_capped_and_bounded():
