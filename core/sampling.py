@@ -34,7 +34,8 @@ SEED_LIMIT = 1 << 64  # seeds are uint64: 0 <= seed < 2**64
 def processed_probs(
     logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
-    """Logits ``[..., V]`` -> float32 probabilities ``[..., V]`` that sum to 1.
+    """Logits ``[..., V]`` -> float32 probabilities ``[..., V]`` that sum to 1 (computed in
+    float64; any finite temperature > 0 and top_p in (0, 1] give a distribution).
 
     Applied in this order, as Hugging Face and vLLM do: divide by ``temperature``;
     keep the ``top_k`` largest logits (0 = off); then, on the distribution renormalised
@@ -53,8 +54,12 @@ def processed_probs(
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
 
-    # float32 even for bf16 logits: the accept test compares ratios of small probabilities.
-    scaled = logits.float() / temperature  # [..., V]
+    # float64, and the maximum subtracted first: every valid temperature, however
+    # small (1e-300), gives a distribution — the largest logits keep all the mass —
+    # instead of inf / inf = NaN. (The accept test compares small probabilities, too.)
+    shifted = logits.double()
+    shifted = shifted - shifted.amax(dim=-1, keepdim=True)  # [..., V], <= 0
+    scaled = shifted / temperature  # [..., V]: 0 at the maximum, finite or -inf elsewhere
     vocab = scaled.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]  # [..., 1]
@@ -64,12 +69,15 @@ def processed_probs(
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # [..., V]
         # A token is in the nucleus iff the mass strictly before it is < top_p: this is
-        # the smallest such set, and the first token (mass before it is 0) always stays.
+        # the smallest such set. The most probable token always stays, even for a top_p
+        # too small to represent (5e-324): then it is the whole nucleus.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [..., V]
         keep_sorted = mass_before < top_p
+        keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # [..., V]
         probs = probs.masked_fill(~keep, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = probs.float()
     return probs
 
 

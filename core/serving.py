@@ -59,6 +59,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     stats: RequestStats
     seed: int | None = None  # the sampling seed used (drawn at submit if none was given)
+    error: str | None = None  # with FinishReason.ERROR: why this request failed (client-safe)
 
 
 @dataclass(frozen=True)

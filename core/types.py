@@ -27,6 +27,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # a stop sequence matched (it is not part of the output)
     EOS = "eos"  # the target emitted its end-of-sequence token
     CANCELLED = "cancelled"  # the client went away or its deadline expired
+    ERROR = "error"  # this request alone failed (``GenerationOutput.error`` says why)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ class VerifyResult:
     accepted_nodes: list[int]  # indices into the proposal's nodes, root to leaf
     forward_ns: int = 0  # time of the target forward pass this round (shared by the batch)
     queue_ns: int = 0  # time since the request's previous verification
+    # Set when verifying this request alone failed (the rest of the batch is unaffected):
+    # a short, client-safe reason; nothing was emitted.
+    error: str | None = None
 
     @classmethod
     def unverified(cls, request_id: str) -> VerifyResult:

@@ -157,7 +157,10 @@ class EngineBackend:
                 self._fail_all(str(exc))
                 continue
             for out in finished:
-                if out.finish_reason != FinishReason.CANCELLED:
+                if out.finish_reason == FinishReason.ERROR:  # this request alone failed
+                    error = ChunkError(ErrorCode.INTERNAL, out.error or "request failed")
+                    self._emit(GenerationChunk(out.request_id, [], error=error))
+                elif out.finish_reason != FinishReason.CANCELLED:
                     self._emit(
                         GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
                     )

@@ -328,7 +328,15 @@ class Scheduler:
             if result.request_id in unknown:  # a replaced verifier: re-send it whole
                 req.verifier_seen = 0
                 continue
-            committed, finish = req.stop.commit(req.generated, result.emitted)
+            if result.error is not None:
+                self._finish(req, FinishReason.ERROR, error=result.error)
+                continue
+            try:
+                committed, finish = req.stop.commit(req.generated, result.emitted)
+            except Exception as exc:  # e.g. a decode error on these tokens: this request only
+                logger.exception("stop rule of request %r failed", result.request_id)
+                self._finish(req, FinishReason.ERROR, error=f"stop check failed ({type(exc).__name__})")
+                continue
             req.tokens.extend(committed)
             req.generated.extend(committed)
             accepted = min(result.num_accepted, len(committed))
@@ -351,19 +359,19 @@ class Scheduler:
                 self._finish(req, finish)
 
     # ---- finishing ----------------------------------------------------------------------------
-    def _finish(self, req: _Request, reason: FinishReason) -> None:
+    def _finish(self, req: _Request, reason: FinishReason, *, error: str | None = None) -> None:
         del self._groups[req.group][req.request_id]
         del self._by_id[req.request_id]
         self._verifier_releases.setdefault(req.group, []).append(req.request_id)
         for drafter in req.drafter_seen:
             self._drafter_releases.setdefault(drafter, []).append(req.request_id)
-        if reason != FinishReason.CANCELLED:
+        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             self._observed.append(list(req.tokens))
         if req.drafter is not None:
             self.draft_length.forget(req.request_id)
         self._finished.append(
             GenerationOutput(req.request_id, req.prompt, list(req.generated), reason, req.stats,
-                             req.sampling.seed))
+                             req.sampling.seed, error))
 
     def drain_finished(self) -> list[GenerationOutput]:
         done, self._finished = self._finished, []

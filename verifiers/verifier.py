@@ -150,7 +150,12 @@ class Verifier:
 
         results = {}
         for (rid, req, proposal, pending), logits in zip(work, all_logits):
-            outcome = self._accept(req, logits, proposal)
+            try:
+                outcome = self._accept(req, logits, proposal)
+            except Exception as exc:  # one request's failure must not fail its batch
+                logger.exception("verifying request %r failed; the rest of the batch goes on", rid)
+                results[rid] = VerifyResult(rid, [], 0, 0, [], error=f"verification failed ({type(exc).__name__})")
+                continue
             # The cache keeps the pending tokens and the accepted path; the newest
             # emitted token becomes pending.
             n_pending = len(pending)
