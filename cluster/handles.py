@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections.abc import Callable, Sequence
 
 from specfleet.cluster.supervisor import ActorSupervisor
 from specfleet.core.types import DraftRequest
-from specfleet.core.workers import DraftReply, FailureKind, VerifyCall, VerifyReply, WorkerFailure
+from specfleet.core.workers import (
+    DraftReply,
+    FailureKind,
+    VerifyCall,
+    VerifyReply,
+    WorkerFailure,
+    WorkerUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +187,11 @@ class VerifierHandle(_Handle):
     """Calls to one verifier group's leader actor."""
 
     def __init__(self, spawn: Callable[[], object], *, group: int = 0, call_timeout_s: float = 120.0,
-                 start_timeout_s: float = 300.0, max_recoveries: int = 3):
+                 start_timeout_s: float = 300.0, max_recoveries: int = 3, restart_backoff_s: float = 0.5):
         super().__init__(ActorSupervisor(f"verifier group {group}", spawn), call_timeout_s)
         self.group = group
         self.start_timeout_s = start_timeout_s
+        self.restart_backoff_s = restart_backoff_s
         # Consecutive lost rounds before the driver is told (a crash loop must end).
         self.max_recoveries = max_recoveries
         self._lost_in_a_row = 0
@@ -205,15 +214,26 @@ class VerifierHandle(_Handle):
 
     def recover(self, why: str) -> WorkerFailure:
         """Replace a lost verifier and wait for the new one (no round of this group can
-        run without it); its requests are re-sent whole by the scheduler."""
+        run without it); its requests are re-sent whole by the scheduler. A replacement
+        that dies while starting is replaced again, with backoff; after
+        ``max_recoveries`` lost rounds in a row, or as many failed replacements, the
+        group is given up (``WorkerUnavailable``)."""
         self._lost_in_a_row += 1
         if self._lost_in_a_row > self.max_recoveries:
-            raise RuntimeError(f"verifier group {self.group} was lost {self._lost_in_a_row} "
-                               f"rounds in a row ({why}); giving up")
+            raise WorkerUnavailable(f"verifier group {self.group} was lost {self._lost_in_a_row} "
+                                    f"rounds in a row; giving up")
         self._releases, self._unconfirmed = [], []
-        self.supervisor.restart(why)
-        self.wait_ready()
-        return WorkerFailure(FailureKind.LOST, why)
+        for attempt in range(self.max_recoveries):
+            self.supervisor.restart(why)
+            try:
+                self.wait_ready()
+                return WorkerFailure(FailureKind.LOST, why)
+            except Exception as exc:  # the replacement died or failed to load
+                why = f"its replacement failed to start ({type(exc).__name__})"
+                logger.warning("verifier group %d: %s; retrying", self.group, why)
+                time.sleep(min(self.restart_backoff_s * 2**attempt, 5.0))
+        raise WorkerUnavailable(f"verifier group {self.group} could not be restarted "
+                                f"({self.max_recoveries} attempts)")
 
     def round_outcome(self, round_id: int, why: str) -> bytes | WorkerFailure:
         """After a failed compiled round: the round's reply if the verifier ran it, else

@@ -31,6 +31,7 @@ class GenerationRequest:
 class ErrorCode(str, Enum):
     INVALID_ARGUMENT = "invalid_argument"  # the request cannot be served as asked
     INTERNAL = "internal"  # the engine failed it (logged server-side)
+    UNAVAILABLE = "unavailable"  # a worker it needed could not be brought back; retry later
 
 
 @dataclass(frozen=True)

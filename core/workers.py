@@ -32,6 +32,11 @@ class FailureKind(str, Enum):
     ERROR = "error"  # the call raised inside a live worker: state of the call's requests is suspect
 
 
+class WorkerUnavailable(RuntimeError):
+    """A worker could not be brought back within its retry budget: the requests it
+    served cannot go on (servers answer them UNAVAILABLE)."""
+
+
 @dataclass(frozen=True)
 class WorkerFailure:
     """Why a call has no reply."""

@@ -28,6 +28,7 @@ from specfleet.core.serving import (
     VerifierGroupInfo,
 )
 from specfleet.core.types import FinishReason
+from specfleet.core.workers import WorkerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,10 @@ class EngineBackend:
                 continue
             try:
                 finished = self.engine.step()
+            except WorkerUnavailable as exc:  # retries exhausted: the client may retry later
+                logger.error("engine round failed: %s", exc)
+                self._fail_all(str(exc), ErrorCode.UNAVAILABLE)
+                continue
             except Exception as exc:  # a failed round must not kill the server
                 logger.exception("engine round failed")
                 self._fail_all(str(exc))
@@ -165,8 +170,9 @@ class EngineBackend:
                         GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
                     )
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        message = message.strip().splitlines()[0][:200] if message.strip() else "engine failure"
         for rid in self.engine.request_ids:
             self.engine.cancel(rid)
-            self._emit(GenerationChunk(rid, [], error=ChunkError(ErrorCode.INTERNAL, message)))
+            self._emit(GenerationChunk(rid, [], error=ChunkError(code, message)))
         self.engine.step()  # drain the cancelled outputs

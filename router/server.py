@@ -22,6 +22,7 @@ import contextlib
 import hmac
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,8 +156,17 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     if isinstance(exc, RequestError):
         logger.info("%s: %s: %s", method, exc.code.name, exc)
         await context.abort(exc.code, str(exc))
-    logger.error("%s failed: %s: %s", method, type(exc).__name__, exc, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    # The client gets a short, stable line and an id; the details (traceback, node
+    # addresses, paths) go to the server log once, under that id.
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("%s failed [error %s]: %s: %s", method, error_id, type(exc).__name__, exc, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error [{error_id}]: {short_reason(exc)}")
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---- the server --------------------------------------------------------------------------

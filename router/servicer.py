@@ -42,6 +42,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecFleet"].full_name  # "specfle
 DEFAULT_MAX_NEW_TOKENS = 64  # when a request leaves max_new_tokens unset (capped by the limit)
 MAX_REQUEST_ID_CHARS = 128
 INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a worker thread
+MAX_STOP_SEQUENCES = 16  # stop strings per request (each is matched every round)
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_NAME_CHARS = 128  # drafter names, and how much of a bad value an error echoes
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -156,6 +159,8 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                 if chunk.error is not None:
                     if chunk.error.code == ErrorCode.INVALID_ARGUMENT:
                         raise invalid(chunk.error.message)
+                    if chunk.error.code == ErrorCode.UNAVAILABLE:
+                        raise RequestError(grpc.StatusCode.UNAVAILABLE, chunk.error.message)
                     raise BackendFailure(f"request {req.request_id}: {chunk.error.message}")
                 if chunk.token_ids and not first_token_ns:
                     first_token_ns = time.perf_counter_ns() - prepared.received_ns
@@ -216,7 +221,7 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         drafter = spec.drafter or None
         if drafter is not None and drafter not in self._drafters:
             known = ", ".join(self._drafters) or "none"
-            raise invalid(f"speculation.drafter: unknown drafter {drafter!r} (known: {known})")
+            raise invalid(f"speculation.drafter: unknown drafter {_clip(drafter)!r} (known: {known})")
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise invalid(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
@@ -268,6 +273,10 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
             raise invalid(f"sampling.temperature: must be a finite number >= 0, got {msg.temperature}")
         if any(not s for s in msg.stop):
             raise invalid("sampling.stop: stop sequences must not be empty strings")
+        if len(msg.stop) > MAX_STOP_SEQUENCES:
+            raise invalid(f"sampling.stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(msg.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in msg.stop):
+            raise invalid(f"sampling.stop: each stop sequence must be at most {MAX_STOP_CHARS} characters")
         params = SamplingParams(
             temperature=msg.temperature,
             top_k=msg.top_k,
@@ -281,6 +290,11 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         except ValueError as exc:  # its messages start with the field name
             raise invalid(f"sampling.{exc}") from None
         return params
+
+
+def _clip(value: str) -> str:
+    """A client's value as an error may echo it: never unbounded."""
+    return value if len(value) <= MAX_NAME_CHARS else value[:MAX_NAME_CHARS] + "…"
 
 
 def _fill_stats(stats: pb.SpeculationStats, chunk: GenerationChunk) -> None:

@@ -253,6 +253,9 @@ def _bad_requests(vocab: int, limit: int, context: int):
         ({"top_k": -1}, "sampling.top_k"),
         ({"stop": [""]}, "sampling.stop"),
         ({"drafter": "nope"}, "speculation.drafter"),
+        ({"drafter": "x" * 100_000}, "speculation.drafter"),  # answered in a short message
+        ({"stop": ["a"] * 17}, "sampling.stop"),
+        ({"stop": ["a" * 257]}, "sampling.stop"),
         ({"prompt": [1] * context}, "prompt"),
         ({"prompt": " ".join(str(i) for i in range(context))}, "prompt"),
         ({"prompt": [1, -1]}, "prompt.token_ids"),
@@ -270,6 +273,7 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stack, clien
                 call(**kwargs)
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, (overrides, err.value)
             assert err.value.message.startswith(field), (overrides, err.value.message)
+            assert len(err.value.message) < 600, (field, len(err.value.message))  # never echoes unbounded input
     assert client.health() == "SERVING"
     result = client.generate(PROMPTS[2], max_new_tokens=NEW_TOKENS)
     assert result.token_ids == expected[PROMPTS[2]]

@@ -187,6 +187,26 @@ def test_verifier_death_resumes_from_committed_tokens(runtime, expected):
     assert handle.restarts == before + 1 and handle.actor != old
 
 
+def test_a_replacement_that_dies_while_starting_is_retried(runtime, expected):
+    handle = runtime.verifier
+    real, before, doomed = handle.supervisor._spawn, handle.restarts, []
+
+    def spawn_then_die_once():
+        actor = real()
+        if not doomed:  # the first replacement dies as soon as it appears
+            doomed.append(actor)
+            ray.kill(actor, no_restart=True)
+        return actor
+
+    handle.supervisor._spawn = spawn_then_die_once
+    try:
+        outs = _run_killing(runtime, lambda: ray.kill(handle.actor, no_restart=True), drafter="random")
+    finally:
+        handle.supervisor._spawn = real
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert doomed and handle.restarts == before + 2
+
+
 def test_seeded_sampling_is_reproduced_across_a_verifier_death(runtime):
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=N, seed=2**64 - 1)
     calm = runtime.engine.generate(PROMPTS, params, drafter="random")
