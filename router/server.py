@@ -24,6 +24,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -76,7 +77,29 @@ def load_tokenizer(cfg: SpecFleetConfig):
 
 
 # ---- interceptors ---------------------------------------------------------------------------
-def _same_kind(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request body that does not parse becomes (instead of an exception inside
+    gRPC, which would answer UNKNOWN and log a traceback per call)."""
+
+    error: str
+
+
+def _lenient(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def parse(body: bytes):
+        try:
+            return deserializer(body)
+        except Exception as exc:  # protobuf's DecodeError, or anything a bad body raises
+            return _Malformed(type(exc).__name__)
+
+    return parse
+
+
+def _same_kind(handler: grpc.RpcMethodHandler, behavior: Callable, *,
+               deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind (unary/stream in and out) running ``behavior``."""
     if handler.request_streaming and handler.response_streaming:
         make = grpc.stream_stream_rpc_method_handler
@@ -88,7 +111,7 @@ def _same_kind(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMe
         make = grpc.unary_unary_rpc_method_handler
     return make(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -130,24 +153,32 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 try:
+                    _check_parsed(request)
                     return await behavior(request, context)
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, unary)
+            return _same_kind(handler, unary, deserializer=_lenient(handler.request_deserializer))
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
             async def stream(request, context):
                 try:
+                    _check_parsed(request)
                     async with contextlib.aclosing(stream_behavior(request, context)) as chunks:
                         async for chunk in chunks:
                             yield chunk
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, stream)
+            return _same_kind(handler, stream, deserializer=_lenient(handler.request_deserializer))
         return handler
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _Malformed):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request: the body is not a valid message of this method ({request.error})")
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:

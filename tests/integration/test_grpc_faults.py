@@ -412,3 +412,24 @@ def test_cli_unreachable_and_unauthenticated(auth_server, capsys):
     code, out, _ = run_cli(["generate", "hi", "--server", auth_server.address, "--token",
                             "s3cret", "--max-new-tokens", "3"], capsys)
     assert code == 0 and out == "hé\n"
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_malformed_body_is_invalid_argument_logged_once_without_traceback(server, client, caplog, method):
+    body = b"\xff\xff\xff\xff\x0f"  # not a protobuf message: a truncated varint
+    with grpc.insecure_channel(server.address) as channel:
+        path = f"/specfleet.v1.SpecFleet/{method}"
+        if method == "Generate":
+            call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        else:
+            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+        with caplog.at_level("INFO"):
+            with pytest.raises(grpc.RpcError) as err:
+                result = call(body, timeout=10)
+                if method == "GenerateStream":
+                    list(result)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: the body is not a valid message")
+    mine = [r for r in caplog.records if "not a valid message" in r.getMessage()]
+    assert len(mine) == 1 and mine[0].exc_info is None
+    assert client.generate("hi", max_new_tokens=3).text == "hé"  # still serving
