@@ -299,3 +299,43 @@ def test_hung_drafter_times_out_and_loses_nothing(fresh_counters, expected, comp
                 pass
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     assert handle.restarts >= before + 1
+
+
+def test_seeded_request_through_grpc_is_reproduced_across_a_verifier_death(runtime, models):
+    """The API path on Ray: a seeded sampled stream whose verifier is killed after its
+    first chunk gives exactly the tokens of the undisturbed unary call."""
+    from specfleet.core.config import ServerConfig
+    from specfleet.models.loading import load_tokenizer
+    from specfleet.proto.client import Client
+    from specfleet.router.server import ServerThread
+
+    backend = runtime.backend()
+    engine, step = runtime.engine, runtime.engine.step
+
+    def slow_step():  # a round every >= 50 ms: the stream is still running when the kill lands
+        time.sleep(0.05)
+        return step()
+
+    kwargs = dict(max_new_tokens=N, temperature=0.8, top_k=30, seed=2**64 - 2, drafter="random")
+    restarts = runtime.verifier.restarts
+    prompt = PROMPTS[0]
+    try:
+        with ServerThread(backend, load_tokenizer(str(models["target"])), ServerConfig(port=0)) as server:
+            with Client(server.address, timeout=120) as client:
+                calm = client.generate(prompt, **kwargs)
+                plain = client.generate(prompt, speculate=False, **kwargs)
+                tokens, killed = [], False
+                engine.step = slow_step
+                for chunk in client.stream(prompt, **kwargs):
+                    tokens += chunk.token_ids
+                    if not killed:
+                        ray.kill(runtime.verifier.actor, no_restart=True)
+                        killed = True
+    finally:
+        engine.__dict__.pop("step", None)
+        # The runtime is shared by the module: stop only the engine thread.
+        backend._closed.set()
+        backend._inbox.put(("stop", None))
+        backend._thread.join(30)
+    assert killed and calm.seed == 2**64 - 2 and runtime.verifier.restarts == restarts + 1
+    assert tokens == calm.token_ids == plain.token_ids and tokens

@@ -218,3 +218,32 @@ def test_config_tp_size_builds_a_group(tiny_zoo):
         assert out.token_ids == expected
     finally:
         engine.verifier.close()
+
+
+def test_seeded_sampling_through_grpc_is_the_same_at_tp1_and_tp2(tiny_zoo):
+    """The API path: the same seeded request gives the same tokens from a TP=1 and a
+    TP=2 deployment of the tiny zoo, with and without speculation."""
+    import asyncio
+    import dataclasses
+
+    from specfleet.core.config import load_config
+    from specfleet.proto.client import Client
+    from specfleet.router.server import ServerThread, load_tokenizer, make_backend
+
+    base = load_config("configs/tiny.yaml")
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=4242)
+    prompt = "def main(argv):\n    "
+    results = {}
+    for tp in (1, 2):
+        cfg = dataclasses.replace(base, verifier=dataclasses.replace(base.verifier, tp_size=tp))
+        backend = make_backend(cfg, "inprocess")
+        try:
+            with ServerThread(backend, load_tokenizer(cfg), cfg.server) as server:
+                with Client(server.address, timeout=120) as client:
+                    results[tp] = [client.generate(prompt, drafter="general", **kwargs).token_ids,
+                                   client.generate(prompt, speculate=False, **kwargs).token_ids]
+        finally:
+            asyncio.run(backend.close())
+            if tp == 2:
+                backend.engine.verifier.close()
+    assert results[1][0] == results[1][1] == results[2][0] == results[2][1]
