@@ -11,6 +11,7 @@ field and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -336,3 +337,71 @@ def test_unseeded_request_returns_the_seed_that_reproduces_it(client):
     chunks = list(client.stream(PROMPTS[1], max_new_tokens=NEW_TOKENS, temperature=1.0, seed=first.seed))
     assert chunks[-1].seed == first.seed and [t for c in chunks for t in c.token_ids] == first.token_ids
     assert client.generate(PROMPTS[1], max_new_tokens=4).seed is None  # greedy: no seed involved
+
+
+# ---- fuzzing the request message through the real server --------------------------------------
+def _requests():
+    from hypothesis import strategies as st
+
+    from specfleet.proto import specfleet_pb2 as pb
+
+    floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([0.0, 1e-300, 1e-40, 5e-324, 0.7, 1.0, 2.0, -1.0]))
+    text = st.text(max_size=64)
+
+    @st.composite
+    def build(draw):
+        req = pb.GenerateRequest()
+        if draw(st.booleans()):
+            req.text = draw(text)
+        else:
+            req.token_ids.ids.extend(draw(st.lists(st.integers(-3, 2**31 - 1) | st.integers(0, 600),
+                                                   max_size=40)))
+        s = req.sampling
+        s.temperature = draw(floats)
+        s.top_k = draw(st.integers(-5, 2**31 - 1) | st.integers(0, 50))
+        if draw(st.booleans()):
+            s.top_p = draw(floats)
+        if draw(st.booleans()):
+            s.seed = draw(st.integers(0, 2**64 - 1))
+        if draw(st.booleans()):
+            s.max_new_tokens = draw(st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 8))
+        else:
+            s.max_new_tokens = 4
+        s.stop.extend(draw(st.lists(st.text(max_size=300), max_size=20)))
+        req.request_id = draw(st.text(max_size=200))
+        spec = req.speculation
+        spec.disable = draw(st.booleans())
+        if draw(st.booleans()):
+            spec.max_draft_length = draw(st.integers(0, 2**32 - 1) | st.integers(0, 10))
+        spec.drafter = draw(st.sampled_from(["", "general", "code", "ngram", "suffix"]) | text)
+        return req
+
+    return build()
+
+
+def test_fuzzed_requests_get_ok_or_a_client_error_never_internal(stack):
+    import grpc as grpc_mod
+    from hypothesis import HealthCheck, given, settings
+
+    from specfleet.proto import specfleet_pb2_grpc as pb_grpc
+
+    allowed = {grpc_mod.StatusCode.INVALID_ARGUMENT, grpc_mod.StatusCode.RESOURCE_EXHAUSTED}
+    with grpc_mod.insecure_channel(stack.server.address) as channel:
+        stub = pb_grpc.SpecFleetStub(channel)
+
+        # Derandomized: CI runs the same 80 examples; FUZZ_EXAMPLES=N runs a longer random search.
+        examples = int(os.environ.get("FUZZ_EXAMPLES", "0"))
+
+        @settings(max_examples=examples or 80, derandomize=not examples, deadline=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_requests())
+        def check(request):
+            try:
+                stub.Generate(request, timeout=60)  # a hang shows up as DEADLINE_EXCEEDED
+            except grpc_mod.RpcError as err:
+                assert err.code() in allowed, (err.code(), err.details()[:300], request)
+                assert len(err.details()) < 600
+
+        check()
+    assert wait_until(lambda: not stack.backend.active_request_ids())
