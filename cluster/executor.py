@@ -290,13 +290,7 @@ class RayExecutor:
     def housekeeping(self, work: Housekeeping) -> None:
         """Queue releases and finished sequences to ride on each actor's next call;
         a drafter with many queued gets them in a call of its own."""
-        for group, request_ids in work.verifier_releases.items():
-            self.verifiers[group].release(request_ids)
-        for name, request_ids in work.drafter_releases.items():
-            self.drafters[name].release(request_ids)
-        for tokens in work.observed:
-            for handle in self.drafters.values():
-                handle.observe_output(tokens)
+        work.deliver(self.drafters, self.verifiers)
         for handle in self.drafters.values():
             if handle.needs_flush() and handle.alive:
                 handle.flush()

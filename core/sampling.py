@@ -28,7 +28,6 @@ import os
 import torch
 
 _MASK64 = (1 << 64) - 1
-SEED_LIMIT = 1 << 64  # seeds are uint64: 0 <= seed < 2**64
 
 
 def processed_probs(

@@ -17,7 +17,7 @@ position 0. Failures are values (``WorkerFailure``), never exceptions across the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -121,6 +121,19 @@ class Housekeeping:
     def empty(self) -> bool:
         return not (any(self.verifier_releases.values()) or any(self.drafter_releases.values())
                     or self.observed)
+
+    def deliver(self, drafters: Mapping[str, DraftWorker],
+                verifiers: Sequence[VerifyWorker]) -> None:
+        """Hand each worker (or worker handle) its share: releases to whoever holds the
+        request, finished sequences to every drafter. Executors differ only in how
+        their workers send it on, so the dispatch lives here once."""
+        for group, request_ids in self.verifier_releases.items():
+            verifiers[group].release(request_ids)
+        for name, request_ids in self.drafter_releases.items():
+            drafters[name].release(request_ids)
+        for tokens in self.observed:
+            for drafter in drafters.values():
+                drafter.observe_output(tokens)
 
 
 class DraftWorker(Protocol):

@@ -107,13 +107,7 @@ class InProcessExecutor:
 
     def housekeeping(self, work: Housekeeping) -> None:
         """In-process work is cheap: release and learn at once."""
-        for group, request_ids in work.verifier_releases.items():
-            self.verifiers[group].release(request_ids)
-        for name, request_ids in work.drafter_releases.items():
-            self.drafters[name].release(request_ids)
-        for tokens in work.observed:
-            for worker in self.drafters.values():
-                worker.observe_output(tokens)
+        work.deliver(self.drafters, self.verifiers)
 
     def idle(self) -> None:
         """Nothing is held between rounds in this process."""

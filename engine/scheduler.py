@@ -80,7 +80,6 @@ class _Request:
 @dataclass
 class _Round:
     group: int
-    request_ids: list[str]
     drafter_of: dict[str, str]  # request → drafter asked for it this round
     draft_calls: dict[str, list[DraftRequest]]
 
@@ -195,10 +194,6 @@ class Scheduler:
         return [r.request_id for r in self._waiting] + [rid for g in self._groups for rid in g]
 
     @property
-    def running_ids(self) -> list[str]:
-        return [rid for g in self._groups for rid in g]
-
-    @property
     def has_work(self) -> bool:
         return bool(self._waiting or any(self._groups))
 
@@ -267,7 +262,7 @@ class Scheduler:
             verify.append(VerifyCall(rid, req.verifier_seen, req.tokens[req.verifier_seen :],
                                      req.sampling, proposal))
             req.verifier_seen = len(req.tokens)
-        self._rounds[round_id] = _Round(group, list(requests), drafter_of, drafts)
+        self._rounds[round_id] = _Round(group, drafter_of, drafts)
         self._busy.add(group)
         rounds_left = max(
             (r.sampling.max_new_tokens - len(r.generated)) / max(1.0, r.stats.mean_acceptance_length)

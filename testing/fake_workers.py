@@ -209,13 +209,7 @@ class ScriptedExecutor:
         return outcomes
 
     def housekeeping(self, work: Housekeeping) -> None:
-        for group, request_ids in work.verifier_releases.items():
-            self.verifiers[group].release(request_ids)
-        for name, request_ids in work.drafter_releases.items():
-            self.drafters[name].release(request_ids)
-        for tokens in work.observed:
-            for drafter in self.drafters.values():
-                drafter.observe_output(tokens)
+        work.deliver(self.drafters, self.verifiers)
 
     def idle(self) -> None:
         self.idled += 1

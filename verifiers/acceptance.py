@@ -47,7 +47,7 @@ rejection, the *bonus* token when the path ran out of draft.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +88,29 @@ def tree_children(parents: Sequence[int]) -> list[list[int]]:
     return children
 
 
+def walk_tree(
+    tokens: Sequence[int],
+    children: Sequence[Sequence[int]],
+    choose: Callable[[int, int], int],
+) -> Acceptance:
+    """The walk every deterministic accept rule shares: from the root, ``choose(row,
+    depth)`` names the token the target emits at logits row ``row`` (``node + 1``) and
+    tree depth ``depth``; the first child (in index order) carrying it is accepted and
+    the walk goes on from there, else the chosen token is emitted and the walk stops.
+    ``children[row]`` lists the child nodes of row ``row`` (ROOT's at row 0)."""
+    accepted: list[int] = []
+    emitted: list[int] = []
+    node = ROOT
+    while True:
+        choice = choose(node + 1, len(emitted))
+        emitted.append(choice)
+        match = next((c for c in children[node + 1] if tokens[c] == choice), None)
+        if match is None:
+            return Acceptance(accepted, emitted)
+        accepted.append(match)
+        node = match
+
+
 def accept_greedy(
     target_logits: torch.Tensor, tokens: Sequence[int], parents: Sequence[int]
 ) -> Acceptance:
@@ -103,17 +126,7 @@ def accept_greedy(
     children = _validated_children(target_logits, tokens, parents)
     # One device->host copy for every row: the walk itself is a few list lookups.
     argmax = target_logits.argmax(dim=-1).tolist()  # [N+1]
-    accepted: list[int] = []
-    emitted: list[int] = []
-    node = ROOT
-    while True:
-        best = argmax[node + 1]
-        emitted.append(best)
-        match = next((c for c in children[node + 1] if tokens[c] == best), None)
-        if match is None:
-            return Acceptance(accepted, emitted)
-        accepted.append(match)
-        node = match
+    return walk_tree(tokens, children, lambda row, depth: argmax[row])
 
 
 def accept_keyed(
@@ -135,20 +148,14 @@ def accept_keyed(
     if sampling.greedy:
         raise ValueError("sampling.temperature is 0: greedy requests use accept_greedy")
     children = _validated_children(target_logits, tokens, parents)
-    accepted: list[int] = []
-    emitted: list[int] = []
-    node = ROOT
-    while True:
+
+    def choose(row: int, depth: int) -> int:
         p = processed_probs(
-            target_logits[node + 1], sampling.temperature, sampling.top_k, sampling.top_p
+            target_logits[row], sampling.temperature, sampling.top_k, sampling.top_p
         )  # [V]
-        choice = keyed_choice(p, seed, position + len(emitted))
-        emitted.append(choice)
-        match = next((c for c in children[node + 1] if tokens[c] == choice), None)
-        if match is None:
-            return Acceptance(accepted, emitted)
-        accepted.append(match)
-        node = match
+        return keyed_choice(p, seed, position + depth)
+
+    return walk_tree(tokens, children, choose)
 
 
 def accept_sampled(

@@ -29,17 +29,20 @@ DECIDERS = [REPO / "engine" / "scheduler.py", *sorted((REPO / "policy").glob("*.
 WALL_CLOCK_OR_TENSORS = {"time", "datetime", "torch", "numpy", "ray"}
 
 
-def first_party_imports(path: Path):
+def imported_modules(path: Path):
+    """(line, dotted module name) for every absolute import in ``path``."""
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            yield from ((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "specfleet" and len(parts) > 1:
-                yield node.lineno, parts[1]
+            yield node.lineno, node.module
+
+
+def first_party_imports(path: Path):
+    for line, name in imported_modules(path):
+        parts = name.split(".")
+        if parts[0] == "specfleet" and len(parts) > 1:
+            yield line, parts[1]
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
@@ -52,12 +55,6 @@ def test_folder_imports_follow_the_direction(folder):
 
 @pytest.mark.parametrize("path", DECIDERS, ids=lambda p: str(p.relative_to(REPO)))
 def test_deciders_read_no_clock_and_hold_no_tensors(path):
-    bad = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        bad += [f"line {node.lineno}: {n}" for n in names if n.split(".")[0] in WALL_CLOCK_OR_TENSORS]
+    bad = [f"line {line}: {name}" for line, name in imported_modules(path)
+           if name.split(".")[0] in WALL_CLOCK_OR_TENSORS]
     assert not bad, f"{path.relative_to(REPO)} imports " + ", ".join(bad)

@@ -22,7 +22,7 @@ from specfleet.drafters.suffix_tree import SuffixTreeDrafter
 from specfleet.engine.engine import SpecEngine
 from specfleet.models.llama_runner import LlamaRunner
 from specfleet.policy.draft_length import AdaptiveDraftLength, FixedDraftLength
-from specfleet.verifiers.acceptance import Acceptance
+from specfleet.verifiers.acceptance import Acceptance, tree_children, walk_tree
 from specfleet.verifiers.verifier import Verifier
 from tests.unit.test_engine_exact import (
     PROMPTS,
@@ -74,19 +74,12 @@ def joint_probs(model, prompt, temperature) -> np.ndarray:
 
 def keyed_walk(logits, proposal, sampling, seed, position_of) -> Acceptance:
     """The keyed accept rule with the noise position chosen by ``position_of(depth)``."""
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(proposal.parents):
-        children.setdefault(parent, []).append(i)
-    accepted, emitted, node = [], [], -1
-    while True:
-        p = processed_probs(logits[node + 1], sampling.temperature, sampling.top_k, sampling.top_p)
-        choice = keyed_choice(p, seed, position_of(len(emitted)))
-        emitted.append(choice)
-        match = next((c for c in children.get(node, []) if proposal.tokens[c] == choice), None)
-        if match is None:
-            return Acceptance(accepted, emitted)
-        accepted.append(match)
-        node = match
+
+    def choose(row: int, depth: int) -> int:
+        p = processed_probs(logits[row], sampling.temperature, sampling.top_k, sampling.top_p)
+        return keyed_choice(p, seed, position_of(depth))
+
+    return walk_tree(proposal.tokens, tree_children(proposal.parents), choose)
 
 
 class UnkeyedVerifier(Verifier):
