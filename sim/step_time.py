@@ -1,0 +1,228 @@
+"""Step-time models: how long a simulated draft or verify call takes.
+
+Where it sits: the simulator's workers (``workers.py``) ask a ``StepTimeModel`` for
+the duration of every call they answer. Three tiers:
+
+- ``FittedStepTime``: least-squares fit of a small linear model to times measured by
+  ``specfleet profile`` on this machine (batch size × tokens per request × context).
+  The features are the ones the cost of a transformer forward scales with: a fixed
+  launch cost, one term per request (per-sequence bookkeeping), one per token
+  (weights streamed / FLOPs), one per token × context (attention).
+- ``RooflineStepTime``: for GPUs that cannot be profiled here (A100, H100, H200): a
+  forward costs max(FLOPs / peak, bytes / HBM bandwidth) plus, with tensor
+  parallelism, two all-reduces per layer over NVLink.
+- ``ExponentialStepTime``: exponential service times (the M/M/1 sanity check).
+
+A draft call of ``positions`` sequential steps costs one prefill of the new tokens
+plus ``positions`` one-token decode steps of the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class StepTimeModel(Protocol):
+    def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
+        """A drafter's call: ``batch`` requests, ``new_tokens`` committed tokens to
+        ingest in total, ``positions`` sequential draft steps, ``context`` summed lengths."""
+        ...
+
+    def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
+        """A verifier group's forward + accept over ``tokens`` new tokens in total
+        (committed delta + drafts) of ``batch`` requests with ``context`` summed lengths."""
+        ...
+
+
+def forward_features(batch: int, tokens: int, context: int) -> list[float]:
+    """[launch, per request, per token, per token × context (k-tokens)] of one forward."""
+    per_request_ctx = context / max(batch, 1)
+    return [1.0, float(batch), float(tokens), tokens * per_request_ctx / 1000.0]
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """ns = coefficients · forward_features(...)."""
+
+    coefficients: tuple[float, float, float, float]
+
+    def forward_ns(self, batch: int, tokens: int, context: int) -> float:
+        f = forward_features(batch, tokens, context)
+        return max(0.0, sum(c * x for c, x in zip(self.coefficients, f)))
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, int, int, float]]) -> LinearCost:
+        """Least squares over (batch, tokens, context, ns) samples; negative
+        coefficients (noise on a small grid) are refitted without their feature."""
+        x = np.array([forward_features(b, t, c) for b, t, c, _ in samples])
+        y = np.array([ns for *_, ns in samples])
+        keep = list(range(x.shape[1]))
+        while True:
+            coef, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+            if (coef >= 0).all() or len(keep) == 1:
+                break
+            keep.pop(int(np.argmin(coef)))
+        full = [0.0] * x.shape[1]
+        for i, c in zip(keep, coef):
+            full[i] = max(0.0, float(c))
+        return cls(tuple(full))
+
+
+@dataclass(frozen=True)
+class ProfiledDrafter:
+    prefill: LinearCost  # ingesting the committed delta (one forward over new tokens)
+    decode: LinearCost  # one draft step of the batch (one token per request)
+
+
+class FittedStepTime:
+    """Step times fitted to a ``specfleet profile`` file (this machine's timings)."""
+
+    def __init__(self, drafters: dict[str, ProfiledDrafter], verifier: LinearCost,
+                 round_overhead_ns: float = 0.0, default_drafter: str | None = None):
+        self.drafters = drafters
+        self.verifier = verifier
+        self.round_overhead_ns = round_overhead_ns  # driver + executor + Python per round
+        self.default_drafter = default_drafter
+
+    def _drafter(self, name: str) -> ProfiledDrafter | None:
+        return self.drafters.get(name) or self.drafters.get(self.default_drafter or "")
+
+    def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
+        prof = self._drafter(drafter)
+        if prof is None:  # a drafter without a model (n-gram, suffix): negligible cost
+            return 0
+        ns = prof.prefill.forward_ns(batch, new_tokens, context) if new_tokens else 0.0
+        # Each later step sees one more token of context per request.
+        ns += positions * prof.decode.forward_ns(batch, batch, context + batch * (positions // 2))
+        return int(ns)
+
+    def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
+        return int(self.verifier.forward_ns(batch, tokens, context))
+
+    @classmethod
+    def from_profile(cls, path: str | Path) -> FittedStepTime:
+        data = json.loads(Path(path).read_text())
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FittedStepTime:
+        drafters = {}
+        for name, d in data.get("drafters", {}).items():
+            drafters[name] = ProfiledDrafter(
+                LinearCost.fit([tuple(s) for s in d["prefill"]]),
+                LinearCost.fit([tuple(s) for s in d["decode"]]))
+        verifier = LinearCost.fit([tuple(s) for s in data["verifier"]])
+        return cls(drafters, verifier, float(data.get("round_overhead_ns", 0.0)),
+                   data.get("default_drafter"))
+
+
+# ---- roofline ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    hbm_bytes_per_s: float  # HBM bandwidth
+    bf16_flops: float  # dense bf16 tensor-core peak
+    nvlink_bytes_per_s: float  # per-GPU NVLink bandwidth (one direction)
+    hbm_bytes: float  # memory per GPU (KV capacity)
+    efficiency: float = 0.6  # achievable fraction of peak (memory and compute alike)
+    launch_ns: float = 20_000  # kernel launches + framework per forward
+
+
+# Public datasheet figures (SXM parts).
+GPUS = {
+    "a100": GPUSpec("a100", 2.039e12, 312e12, 300e9, 80e9),
+    "h100": GPUSpec("h100", 3.35e12, 989e12, 450e9, 80e9),
+    "h200": GPUSpec("h200", 4.8e12, 989e12, 450e9, 141e9),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a roofline needs of a model (bf16 weights and KV)."""
+
+    params: float  # parameters
+    layers: int
+    hidden: int
+    kv_heads: int = 8
+    head_dim: int = 128
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelShape:
+        return cls(**d)
+
+
+def roofline_forward_ns(gpu: GPUSpec, model: ModelShape, tp: int, *, batch: int, tokens: int,
+                        context: int) -> float:
+    """One forward over ``tokens`` new tokens with ``context`` tokens of KV read, on ``tp`` GPUs."""
+    flops = 2 * model.params * tokens + 4 * model.layers * model.hidden * tokens * (context / max(batch, 1))
+    read = 2 * model.params + model.kv_bytes_per_token * context
+    compute = flops / (gpu.bf16_flops * gpu.efficiency * tp)
+    memory = read / (gpu.hbm_bytes_per_s * gpu.efficiency * tp)
+    ns = max(compute, memory) * 1e9 + gpu.launch_ns
+    if tp > 1:
+        # Two ring all-reduces per layer of the activations: 2 (tp-1)/tp of the bytes
+        # each way, plus a per-collective latency.
+        msg = tokens * model.hidden * 2
+        per = 2 * (tp - 1) / tp * msg / gpu.nvlink_bytes_per_s * 1e9 + 8_000
+        ns += 2 * model.layers * per
+    return ns
+
+
+class RooflineStepTime:
+    """Step times of GPUs from their datasheet (no profile possible on this machine)."""
+
+    def __init__(self, gpu: GPUSpec, target: ModelShape, tp: int, drafters: dict[str, ModelShape],
+                 round_overhead_ns: float = 0.0):
+        self.gpu, self.target, self.tp, self.drafter_shapes = gpu, target, tp, drafters
+        self.round_overhead_ns = round_overhead_ns
+
+    def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
+        shape = self.drafter_shapes.get(drafter)
+        if shape is None:
+            return 0
+        ns = roofline_forward_ns(self.gpu, shape, 1, batch=batch, tokens=new_tokens, context=context) \
+            if new_tokens else 0.0
+        ns += positions * roofline_forward_ns(self.gpu, shape, 1, batch=batch, tokens=batch, context=context)
+        return int(ns)
+
+    def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
+        return int(roofline_forward_ns(self.gpu, self.target, self.tp, batch=batch, tokens=tokens,
+                                       context=context))
+
+    def kv_capacity_tokens(self) -> int:
+        free = self.gpu.hbm_bytes * self.tp * 0.9 - 2 * self.target.params
+        return max(0, int(free / self.target.kv_bytes_per_token))
+
+
+class ExponentialStepTime:
+    """Exponential verify times of the given mean, no draft cost (M/M/1 checks)."""
+
+    def __init__(self, mean_ns: float, seed: int = 0):
+        self.mean_ns = mean_ns
+        self._rng = random.Random(seed)
+        self.round_overhead_ns = 0.0
+
+    def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
+        return 0
+
+    def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
+        return max(1, int(-self.mean_ns * math.log(1.0 - self._rng.random())))
+
+
+def dump_profile(profile: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile, indent=1))
+
+
+__all__ = ["FittedStepTime", "RooflineStepTime", "ExponentialStepTime", "GPUS", "GPUSpec",
+           "ModelShape", "LinearCost", "StepTimeModel", "dump_profile"]
