@@ -41,18 +41,20 @@ class SimDraftWorker:
         proposals, unknown = [], []
         new_tokens = context = 0
         name = self.name
+        lengths = self.lengths
         for call in calls:
-            held = self.lengths.get(call.request_id)
-            if call.position > (held or 0):
-                unknown.append(call.request_id)
-                proposals.append(DraftProposal.empty(call.request_id, name))
+            rid = call.request_id
+            if call.position > lengths.get(rid, 0):
+                unknown.append(rid)
+                proposals.append(DraftProposal.empty(rid, name))
                 continue
-            length = self.lengths[call.request_id] = call.position + len(call.new_tokens)
-            new_tokens += len(call.new_tokens)
+            new = len(call.new_tokens)
+            length = lengths[rid] = call.position + new
+            new_tokens += new
             context += length
             n = call.num_draft_tokens
-            proposals.append(DraftProposal(call.request_id, [DRAFT_TOKEN] * n,
-                                           [ROOT, *range(n - 1)] if n else [], [1.0] * n, None, name))
+            proposals.append(DraftProposal(rid, [DRAFT_TOKEN] * n, list(range(ROOT, n - 1)),
+                                           [1.0] * n, None, name))
         self.last_new_tokens, self.last_context = new_tokens, context
         return completed(DraftReply(proposals, 0, tuple(unknown)))
 
@@ -76,41 +78,48 @@ class SimVerifyWorker:
         self.last_context = 0
 
     def verify(self, calls: Sequence[VerifyCall], drafts: Sequence[DraftReply] = ()) -> Future[VerifyReply]:
+        # The hot path of a simulation (every request, every round): plain loops, locals.
         by_request: dict[str, list[DraftProposal]] = {}
         for reply in drafts:
             for p in reply.proposals:
                 if p.tokens:
-                    by_request.setdefault(p.request_id, []).append(p)
+                    got = by_request.get(p.request_id)
+                    if got is None:
+                        by_request[p.request_id] = [p]
+                    else:
+                        got.append(p)
         results, unknown = [], []
         tokens = context = 0
+        lengths, rounds, domain_of = self.lengths, self.rounds, self.domain_of
+        accept = self.acceptance.accepted
         for call in calls:
             rid = call.request_id
-            held = self.lengths.get(rid)
-            if call.position > (held or 0):
+            if call.position > lengths.get(rid, 0):
                 unknown.append(rid)
                 results.append(VerifyResult.unverified(rid))
                 continue
-            length = call.position + len(call.new_tokens)
-            proposals = [call.proposal] if call.proposal is not None else by_request.get(rid, [])
-            round_index = self.rounds.get(rid, 0)
-            self.rounds[rid] = round_index + 1
-            best_accepted, drafted = 0, 0
-            domain = self.domain_of.get(rid, "prose")
+            length = lengths[rid] = call.position + len(call.new_tokens)
+            proposals = by_request.get(rid, ()) if call.proposal is None else (call.proposal,)
+            round_index = rounds.get(rid, 0)
+            rounds[rid] = round_index + 1
+            best, drafted, new = 0, 0, len(call.new_tokens)
+            domain = domain_of.get(rid, "prose")
             for p in proposals:
                 window = chain_length(p)
-                if window == 0:
-                    continue
-                drafted = max(drafted, window)
-                a = self.acceptance.accepted(rid, drafter=p.drafter, domain=domain,
-                                             round_index=round_index, window=window)
-                best_accepted = max(best_accepted, a)
-            # The verifier's KV now holds the committed tokens; what the scheduler keeps
-            # of the emitted ones arrives with the next call's position.
-            self.lengths[rid] = length
-            tokens += len(call.new_tokens) + sum(len(p) for p in proposals)
+                new += len(p.tokens)
+                if window:
+                    if window > drafted:
+                        drafted = window
+                    a = accept(rid, drafter=p.drafter, domain=domain, round_index=round_index,
+                               window=window)
+                    if a > best:
+                        best = a
+            # The KV now holds the committed tokens; what the scheduler keeps of the
+            # emitted ones arrives with the next call's position.
+            tokens += new
             context += length
-            results.append(VerifyResult(rid, [DRAFT_TOKEN] * best_accepted + [TARGET_TOKEN],
-                                        best_accepted, drafted, list(range(best_accepted))))
+            results.append(VerifyResult(rid, [DRAFT_TOKEN] * best + [TARGET_TOKEN], best, drafted,
+                                        list(range(best))))
         self.last_tokens, self.last_context = tokens, context
         return completed(VerifyReply(results, 0, tuple(unknown)))
 
@@ -125,6 +134,10 @@ class SimVerifyWorker:
 
 def chain_length(proposal: DraftProposal) -> int:
     """Depth of a proposal's deepest path (its length for a chain)."""
+    parents = proposal.parents
+    n = len(parents)
+    if parents == list(range(ROOT, n - 1)):  # a chain (the common case): compared in C
+        return n
     depth: list[int] = []
     for parent in proposal.parents:
         depth.append(1 if parent == ROOT else depth[parent] + 1)
