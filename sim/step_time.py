@@ -47,22 +47,34 @@ def forward_features(batch: int, tokens: int, context: int) -> list[float]:
     return [1.0, float(batch), float(tokens), tokens * per_request_ctx / 1000.0]
 
 
+def draft_features(batch: int, new_tokens: int, positions: int, context: int) -> list[float]:
+    """A draft call: one forward ingesting the delta (forward_features), then one
+    per further position over the batch's one new token each."""
+    per_request_ctx = context / max(batch, 1)
+    return [*forward_features(batch, new_tokens, context), float(positions), float(positions * batch),
+            positions * batch * per_request_ctx / 1000.0]
+
+
 @dataclass(frozen=True)
 class LinearCost:
-    """ns = coefficients · forward_features(...)."""
+    """ns = coefficients · features(...) (forward_features or draft_features)."""
 
-    coefficients: tuple[float, float, float, float]
+    coefficients: tuple[float, ...]
 
     def forward_ns(self, batch: int, tokens: int, context: int) -> float:
         f = forward_features(batch, tokens, context)
         return max(0.0, sum(c * x for c, x in zip(self.coefficients, f)))
 
+    def draft_ns(self, batch: int, new_tokens: int, positions: int, context: int) -> float:
+        f = draft_features(batch, new_tokens, positions, context)
+        return max(0.0, sum(c * x for c, x in zip(self.coefficients, f)))
+
     @classmethod
-    def fit(cls, samples: list[tuple[int, int, int, float]]) -> LinearCost:
-        """Least squares over (batch, tokens, context, ns) samples; negative
+    def fit(cls, samples, features=forward_features) -> LinearCost:
+        """Least squares over samples (features' arguments..., ns); negative
         coefficients (noise on a small grid) are refitted without their feature."""
-        x = np.array([forward_features(b, t, c) for b, t, c, _ in samples])
-        y = np.array([ns for *_, ns in samples])
+        x = np.array([features(*s[:-1]) for s in samples])
+        y = np.array([s[-1] for s in samples])
         keep = list(range(x.shape[1]))
         while True:
             coef, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
@@ -75,51 +87,38 @@ class LinearCost:
         return cls(tuple(full))
 
 
-@dataclass(frozen=True)
-class ProfiledDrafter:
-    prefill: LinearCost  # ingesting the committed delta (one forward over new tokens)
-    decode: LinearCost  # one draft step of the batch (one token per request)
-
-
 class FittedStepTime:
     """Step times fitted to a ``specfleet profile`` file (this machine's timings)."""
 
-    def __init__(self, drafters: dict[str, ProfiledDrafter], verifier: LinearCost,
+    def __init__(self, drafters: dict[str, LinearCost], verifier: LinearCost,
                  round_overhead_ns: float = 0.0, default_drafter: str | None = None):
-        self.drafters = drafters
-        self.verifier = verifier
+        self.drafters = drafters  # over draft_features
+        self.verifier = verifier  # over forward_features
         self.round_overhead_ns = round_overhead_ns  # driver + executor + Python per round
         self.default_drafter = default_drafter
 
-    def _drafter(self, name: str) -> ProfiledDrafter | None:
-        return self.drafters.get(name) or self.drafters.get(self.default_drafter or "")
-
     def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
-        prof = self._drafter(drafter)
-        if prof is None:  # a drafter without a model (n-gram, suffix): negligible cost
+        cost = self.drafters.get(drafter) or self.drafters.get(self.default_drafter or "")
+        if cost is None:  # a drafter without a model (n-gram, suffix): negligible cost
             return 0
-        ns = prof.prefill.forward_ns(batch, new_tokens, context) if new_tokens else 0.0
-        # Each later step sees one more token of context per request.
-        ns += positions * prof.decode.forward_ns(batch, batch, context + batch * (positions // 2))
-        return int(ns)
+        return int(cost.draft_ns(batch, new_tokens, positions, context))
 
     def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
         return int(self.verifier.forward_ns(batch, tokens, context))
 
     @classmethod
     def from_profile(cls, path: str | Path) -> FittedStepTime:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"profile {path}: cannot read: {exc.strerror or exc}") from None
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict) -> FittedStepTime:
-        drafters = {}
-        for name, d in data.get("drafters", {}).items():
-            drafters[name] = ProfiledDrafter(
-                LinearCost.fit([tuple(s) for s in d["prefill"]]),
-                LinearCost.fit([tuple(s) for s in d["decode"]]))
-        verifier = LinearCost.fit([tuple(s) for s in data["verifier"]])
-        return cls(drafters, verifier, float(data.get("round_overhead_ns", 0.0)),
+        drafters = {name: LinearCost.fit(samples, draft_features)
+                    for name, samples in data.get("drafters", {}).items()}
+        return cls(drafters, LinearCost.fit(data["verifier"]), float(data.get("round_overhead_ns", 0.0)),
                    data.get("default_drafter"))
 
 
