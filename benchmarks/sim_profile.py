@@ -104,6 +104,12 @@ def run_profile(cfg: SpecFleetConfig, *, grid: ProfileGrid, threads: int = 1,
     from specfleet.engine.builder import build_drafter, build_verifier
 
     torch.set_num_threads(threads)
+    # Every point must fit the KV cache: context + drafts + the delta of the later call.
+    room = cfg.verifier.max_seq_len - max(grid.windows) - 4
+    contexts = tuple(c for c in grid.contexts if c <= room) or (room,)
+    if room < 1:
+        raise ValueError(f"verifier.max_seq_len ({cfg.verifier.max_seq_len}) is too small to profile")
+    grid = ProfileGrid(grid.batches, contexts, grid.windows, grid.repeats)
     verifier = build_verifier(cfg)
     vocab = verifier.runner.vocab_size
     slots = max(max(grid.batches), cfg.verifier.max_batch_size)

@@ -10,6 +10,7 @@ a network model and node costs. Validation errors name the file and key path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,7 +155,8 @@ def build_step_time(cfg: SimDeploymentConfig, base: Path) -> StepTimeModel:
     hw = cfg.hardware
     if hw.kind == "profile":
         return FittedStepTime.from_profile(_resolve(base, hw.profile))
-    shapes = {name: d.shape.shape() for name, d in drafter_names(cfg) if d.shape is not None}
+    # Keyed as the executor asks: by the drafter a copy is profiled as.
+    shapes = {d.profile_as or d.name: d.shape.shape() for d in cfg.drafters if d.shape is not None}
     return RooflineStepTime(GPUS[hw.gpu], hw.target.shape(), cfg.verifier.tp_size, shapes,
                             round_overhead_ns=hw.round_overhead_us * 1e3)
 
@@ -180,13 +182,16 @@ def effective_batch(cfg: SimDeploymentConfig, step_time: StepTimeModel) -> int:
     return max(1, min(v.max_batch_size, kv // v.max_seq_len)) if kv else v.max_batch_size
 
 
-def build_simulation(cfg: SimDeploymentConfig, base: Path = Path(".")) -> Simulator:
+def build_simulation(cfg: SimDeploymentConfig, base: Path = Path("."), *,
+                     decode: Callable[[list[int]], str] | None = None) -> Simulator:
+    """``decode``: how the router reads prompts — a real tokenizer's, when requests
+    carry real prompts (validation); by default synthetic prompts name their domain."""
     names = drafter_names(cfg)
     step_time = build_step_time(cfg, base)
     # The factories take a serving config; they read only these three sections.
     policy_cfg = SimpleNamespace(router=cfg.router, scheduler=cfg.scheduler,
                                  drafters=[SimpleNamespace(name=n, domain=d.domain) for n, d in names])
-    router = build_router(policy_cfg, decode_synthetic) if names else None
+    router = build_router(policy_cfg, decode or decode_synthetic) if names else None
     scheduler = Scheduler(
         drafters=[n for n, _ in names], draft_length=build_draft_length(policy_cfg), router=router,
         default_drafter=cfg.router.default_drafter or (names[0][0] if names else None),
