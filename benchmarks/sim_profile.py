@@ -127,9 +127,15 @@ def run_profile(cfg: SpecFleetConfig, *, grid: ProfileGrid, threads: int = 1,
             progress(name)
     profile["round_overhead_ns"] = measure_overhead(verifier, drafters, cfg)
     if acceptance:
-        profile["acceptance"] = measure_acceptance(
+        measured = measure_acceptance(
             cfg, verifier, drafters, prompts=acceptance_prompts, window=acceptance_window,
             max_new_tokens=max_new_tokens)
+        # The engine rounds of that run are step-time samples too, taken in situ.
+        profile["verifier"] += measured.pop("verifier_samples")
+        for name, samples in measured.pop("drafter_samples").items():
+            profile["drafters"].setdefault(name, []).extend(samples)
+        profile["round_overhead_ns"] = measured.pop("round_overhead_ns")
+        profile["acceptance"] = measured
     return profile
 
 
@@ -159,18 +165,41 @@ def measure_overhead(verifier, drafters, cfg: SpecFleetConfig, rounds: int = 12)
 
 
 class _RecordingExecutor:
-    """Wraps the engine's executor to keep each round's (request, window, accepted)."""
+    """Wraps the engine's executor to keep, per round, each request's (window, accepted)
+    and each call's shape and measured time — step-time samples in the profile's
+    formats taken *in situ*, where drafters and the verifier take turns on the cores
+    (isolated grid timings alone ran ~20 % fast: warm caches, no interleaving)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.rounds: list[tuple[str, int, int]] = []
+        self.drafter_samples: dict[str, list[list[float]]] = {}
+        self.verifier_samples: list[list[float]] = []
+        self.lengths: dict[str, int] = {}  # request → committed length as last told
 
     def run_rounds(self, plans):
         outcomes = self.inner.run_rounds(plans)
-        for outcome in outcomes:
-            for result in getattr(outcome.verify, "results", ()):
-                if result.num_drafted:
-                    self.rounds.append((result.request_id, result.num_drafted, result.num_accepted))
+        for plan, outcome in zip(plans, outcomes):
+            drafted: dict[str, int] = {}
+            for name, calls in plan.drafts.items():
+                reply = outcome.drafts.get(name)
+                if not hasattr(reply, "proposals"):
+                    continue
+                new = sum(len(c.new_tokens) for c in calls)
+                ctx = sum(c.position + len(c.new_tokens) for c in calls)
+                positions = max((len(p) for p in reply.proposals), default=0)
+                for p in reply.proposals:
+                    drafted[p.request_id] = len(p)
+                self.drafter_samples.setdefault(name, []).append(
+                    [len(calls), new, positions, ctx, reply.compute_ns])
+            verify = outcome.verify
+            if hasattr(verify, "results"):
+                tokens = sum(len(c.new_tokens) + drafted.get(c.request_id, 0) for c in plan.verify)
+                ctx = sum(c.position + len(c.new_tokens) for c in plan.verify)
+                self.verifier_samples.append([len(plan.verify), tokens, ctx, verify.compute_ns])
+                for result in verify.results:
+                    if result.num_drafted:
+                        self.rounds.append((result.request_id, result.num_drafted, result.num_accepted))
         return outcomes
 
     def housekeeping(self, work):
@@ -198,14 +227,22 @@ def measure_acceptance(cfg: SpecFleetConfig, verifier, drafters, *, prompts: int
     engine.executor = recorder
     owner: dict[str, tuple[str, str]] = {}
     sampling = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    overheads: list[int] = []
     for name in drafters:
         for domain in DOMAINS:
             for prompt in held[domain]:
                 rid = engine.submit(prompt, sampling, drafter=name)
                 owner[rid] = (name, domain)
         while engine.has_work:
+            before = len(engine.timings)
+            start = time.perf_counter_ns()
             engine.step()
+            wall = time.perf_counter_ns() - start
+            done = list(engine.timings)[before:]
+            overheads.append(wall - sum(t.draft_compute_ns + t.verify_compute_ns for t in done))
     rounds = [(*owner[rid], w, a) for rid, w, a in recorder.rounds]
     curves = AcceptanceCurves.from_rounds(rounds)
     return {"curves": curves.curves, "window": window, "prompts_per_domain": prompts,
-            "rounds": len(rounds)}
+            "rounds": len(rounds), "verifier_samples": recorder.verifier_samples,
+            "drafter_samples": recorder.drafter_samples,
+            "round_overhead_ns": float(statistics.median(overheads)) if overheads else 0.0}

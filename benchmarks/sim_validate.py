@@ -21,6 +21,7 @@ simulator's speed on a 64-drafter, 8-group H200 deployment with 10,000 requests.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -182,7 +183,52 @@ def build_engine(cfg: SpecFleetConfig, models: dict):
 
 
 # ---- the simulated side ----------------------------------------------------------------------
-def sim_deployment(s: ValidationSettings, vc: ValidationConfig, profile_path: Path):
+def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: list[list[int]],
+              s: ValidationSettings) -> dict:
+    """The machine's speed now vs when profiled: real rounds of a closed batch on
+    *profile* prompts (never the validation ones), measured ÷ predicted compute."""
+    from specfleet.benchmarks.sim_profile import _RecordingExecutor
+    from specfleet.sim.step_time import FittedStepTime
+
+    model = FittedStepTime.from_profile(profile_path)
+    engine = build_engine(cfg, models)
+    recorder = _RecordingExecutor(engine.executor)
+    engine.executor = recorder
+    sampling = SamplingParams(max_new_tokens=s.max_new_tokens, ignore_eos=True)
+    for prompt in prompts:
+        engine.submit(prompt, sampling, drafter=cfg.drafters[0].name)
+    gaps = []
+    while engine.has_work:
+        before = len(engine.timings)
+        start = time.perf_counter_ns()
+        engine.step()
+        wall = time.perf_counter_ns() - start
+        gaps.append(wall - sum(t.draft_compute_ns + t.verify_compute_ns for t in list(engine.timings)[before:]))
+    # Ratios of sums, not medians: on a shared machine the tail (preemption by other
+    # processes, GC) is part of what requests wait for.
+    draft_measured = sum(smp[-1] for samples in recorder.drafter_samples.values() for smp in samples)
+    draft_predicted = sum(model.draft_ns(name, batch=b, new_tokens=n, positions=p, context=c)
+                          for name, samples in recorder.drafter_samples.items() for b, n, p, c, _ in samples)
+    verify_measured = sum(smp[-1] for smp in recorder.verifier_samples)
+    verify_predicted = sum(model.verify_ns(0, batch=b, tokens=t, context=c)
+                           for b, t, c, _ in recorder.verifier_samples)
+    def spread(pairs) -> float:
+        logs = [math.log(m / p) for m, p in pairs if m > 0 and p > 0]
+        return statistics.pstdev(logs) if len(logs) > 1 else 0.0
+
+    draft_pairs = [(smp[-1], model.draft_ns(name, batch=smp[0], new_tokens=smp[1], positions=smp[2],
+                                            context=smp[3]))
+                   for name, samples in recorder.drafter_samples.items() for smp in samples]
+    verify_pairs = [(smp[-1], model.verify_ns(0, batch=smp[0], tokens=smp[1], context=smp[2]))
+                    for smp in recorder.verifier_samples]
+    return {"draft": draft_measured / draft_predicted if draft_predicted else 1.0,
+            "verify": verify_measured / verify_predicted if verify_predicted else 1.0,
+            "overhead_ns": statistics.fmean(gaps) if gaps else 0.0,
+            "draft_jitter": spread(draft_pairs), "verify_jitter": spread(verify_pairs)}
+
+
+def sim_deployment(s: ValidationSettings, vc: ValidationConfig, profile_path: Path,
+                   speed: dict | None = None):
     from specfleet.sim.deployment import (
         AcceptanceConfig,
         ExecutionConfig,
@@ -194,7 +240,13 @@ def sim_deployment(s: ValidationSettings, vc: ValidationConfig, profile_path: Pa
 
     cfg = serving_config(s, vc)
     return SimDeploymentConfig(
-        name=vc.name, hardware=HardwareConfig(kind="profile", profile=str(profile_path)),
+        name=vc.name, hardware=HardwareConfig(kind="profile", profile=str(profile_path),
+                                              draft_speed_factor=(speed or {}).get("draft", 1.0),
+                                              verify_speed_factor=(speed or {}).get("verify", 1.0),
+                                              round_overhead_override_us=None if speed is None
+                                              else speed["overhead_ns"] / 1e3,
+                                              draft_jitter=(speed or {}).get("draft_jitter", 0.0),
+                                              verify_jitter=(speed or {}).get("verify_jitter", 0.0)),
         drafters=[SimDrafterConfig(d.name, d.domain) for d in cfg.drafters],
         verifier=SimVerifierConfig(max_batch_size=s.batch, max_seq_len=cfg.verifier.max_seq_len),
         router=cfg.router, scheduler=cfg.scheduler,
@@ -202,22 +254,22 @@ def sim_deployment(s: ValidationSettings, vc: ValidationConfig, profile_path: Pa
         acceptance=AcceptanceConfig(curves=str(profile_path), seed=s.seed))
 
 
-def run_sim(s, vc, profile_path, requests, decode) -> dict:
+def run_sim(s, vc, profile_path, requests, decode, speed: dict | None = None) -> dict:
     from specfleet.sim.deployment import build_simulation, cost_per_hour
     from specfleet.sim.metrics import summarize
 
-    cfg = sim_deployment(s, vc, profile_path)
+    cfg = sim_deployment(s, vc, profile_path, speed)
     sim = build_simulation(cfg, Path("."), decode=decode)
     if not vc.routing:
         requests = [replace(r, drafter=vc.drafters[0]) for r in requests]
     return summarize(sim.run(requests), cost_per_hour=cost_per_hour(cfg))
 
 
-def saturation_rate(s, vc, profile_path, prompts, decode) -> float:
+def saturation_rate(s, vc, profile_path, prompts, decode, speed=None) -> float:
     """Requests/s the simulated deployment completes when everything arrives at once."""
     burst = parse_workload("poisson:100000", count=4 * s.requests, seed=s.seed + 99,
                            shape=WorkloadShape(s.prompt_tokens, s.max_new_tokens))
-    report = run_sim(s, vc, profile_path, with_prompts(burst, prompts), decode)
+    report = run_sim(s, vc, profile_path, with_prompts(burst, prompts), decode, speed)
     return report["requests"] / report["duration_s"]
 
 
@@ -266,27 +318,32 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
     for name in ("general", *DOMAINS):
         models[name] = load_causal_lm(f"zoo:{s.zoo}/drafter-{name}")
     prompts = validation_prompts(s, tokenizer)
+    from specfleet.benchmarks.engine_bench import heldout_prompts
+
+    calibration_prompts = [p for d in DOMAINS
+                           for p in heldout_prompts(s.zoo, tokenizer, s.profile_prompts, s.prompt_tokens)[d]]
     results = []
     for vc in CONFIGS:
-        rate = vc.load * saturation_rate(s, vc, profile_path, prompts, decode)
+        cfg = serving_config(s, vc)
+        speed = calibrate(cfg, models, profile_path, calibration_prompts[: 2 * s.batch], s)
+        rate = vc.load * saturation_rate(s, vc, profile_path, prompts, decode, speed)
         requests = with_prompts(parse_workload(f"poisson:{rate}", count=s.requests, seed=s.seed,
                                                shape=WorkloadShape(s.prompt_tokens, s.max_new_tokens)),
                                 prompts)
-        cfg = serving_config(s, vc)
         reals = []
         for _ in range(s.repeats):
             engine = build_engine(cfg, models)  # fresh state: router table, window EMAs, KV
             run_real(engine, requests[: max(4, s.requests // 8)], vc.routing, vc.drafters[0])  # warm-up
             engine = build_engine(cfg, models)
             reals.append(run_real(engine, requests, vc.routing, vc.drafters[0]))
-        sim = run_sim(s, vc, profile_path, requests, decode)
+        sim = run_sim(s, vc, profile_path, requests, decode, speed)
         real_mean = {m: statistics.fmean(r[m] for r in reals) for m in METRICS}
         noise = {m: statistics.pstdev(r[m] for r in reals) / real_mean[m] if real_mean[m] else 0.0
                  for m in METRICS}
         errors = {m: rel(sim[m], real_mean[m]) for m in METRICS}
         results.append({
             "name": vc.name, "drafters": list(vc.drafters), "routing": vc.routing, "adaptive": vc.adaptive,
-            "load": vc.load, "arrival_rate": rate, "requests": s.requests,
+            "load": vc.load, "arrival_rate": rate, "requests": s.requests, "speed_factors": speed,
             "real": real_mean, "real_runs": [{m: r[m] for m in METRICS} for r in reals],
             "real_noise": noise, "sim": {m: sim[m] for m in METRICS}, "error": errors,
             "arrivals_s": [r.arrival_ns / 1e9 for r in requests],
@@ -315,6 +372,7 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
         "profile": str(profile_path),
         "wall_s": time.monotonic() - started,
     }
+    (out_dir / "golden.json").write_text(json.dumps(golden_fixture(report, profile, decode, prompts, s)))
     return report
 
 
@@ -374,3 +432,23 @@ def format_table(report: dict) -> str:
                     f"{e['p90']:6.1%} {r['mean_acceptance_length']:8.2f} {m['mean_acceptance_length']:6.2f} "
                     f"{max(c['real_noise'][k] for k in ('throughput', 'p50', 'p90')):6.1%}")
     return "\n".join(rows)
+
+
+# ---- the CI fixture ---------------------------------------------------------------------------
+GOLDEN_CONFIGS = ("1d-fixed-mid", "3d-routed-adaptive-high")
+
+
+def golden_fixture(report: dict, profile: dict, decode, prompts: dict[str, list[list[int]]],
+                   settings: ValidationSettings) -> dict:
+    """What ``tests/unit/test_sim_golden.py`` needs to re-simulate two validated configs
+    without the zoo: the profile, the arrivals with their prompts and the router's
+    text of each prompt, and the real measurements to compare with."""
+    texts = {" ".join(map(str, p)): decode(p) for pool in prompts.values() for p in pool}
+    configs = []
+    for c in report["configs"]:
+        if c["name"] not in GOLDEN_CONFIGS:
+            continue
+        configs.append({k: c[k] for k in ("name", "drafters", "routing", "adaptive", "load", "arrival_rate",
+                                          "speed_factors", "real", "real_noise", "sim")})
+    return {"machine": report["machine"], "settings": settings.__dict__, "profile": profile,
+            "prompts": prompts, "texts": texts, "configs": configs}

@@ -28,6 +28,7 @@ from specfleet.sim.step_time import (
     FittedStepTime,
     ModelShape,
     RooflineStepTime,
+    ScaledStepTime,
     StepTimeModel,
 )
 
@@ -58,6 +59,11 @@ class HardwareConfig:
     gpu: Literal["a100", "h100", "h200"] = _f("h200", "GPU of every node (kind roofline)")
     target: ShapeConfig = _f(ShapeConfig, "the target model's shape (kind roofline)")
     round_overhead_us: float = _f(0.0, "per-round driver/RPC overhead added on top (roofline)", min=0)
+    draft_speed_factor: float = _f(1.0, "multiply profiled draft times (re-calibration to the moment)", min=0)
+    verify_speed_factor: float = _f(1.0, "multiply profiled verify times (re-calibration)", min=0)
+    round_overhead_override_us: float | None = _f(None, "replace the profile's per-round overhead", min=0)
+    draft_jitter: float = _f(0.0, "σ of a per-call lognormal noise on draft times (0: deterministic)", min=0)
+    verify_jitter: float = _f(0.0, "σ of a per-call lognormal noise on verify times", min=0)
 
     def __post_init__(self):
         if self.kind == "profile" and not self.profile:
@@ -154,7 +160,14 @@ def _resolve(base: Path, path: str) -> Path:
 def build_step_time(cfg: SimDeploymentConfig, base: Path) -> StepTimeModel:
     hw = cfg.hardware
     if hw.kind == "profile":
-        return FittedStepTime.from_profile(_resolve(base, hw.profile))
+        fitted = FittedStepTime.from_profile(_resolve(base, hw.profile))
+        if hw.draft_speed_factor == 1.0 and hw.verify_speed_factor == 1.0 and \
+                hw.round_overhead_override_us is None and not hw.draft_jitter and not hw.verify_jitter:
+            return fitted
+        overhead = None if hw.round_overhead_override_us is None else hw.round_overhead_override_us * 1e3
+        return ScaledStepTime(fitted, hw.draft_speed_factor, hw.verify_speed_factor, overhead,
+                              draft_jitter=hw.draft_jitter, verify_jitter=hw.verify_jitter,
+                              seed=cfg.acceptance.seed)
     # Keyed as the executor asks: by the drafter a copy is profiled as.
     shapes = {d.profile_as or d.name: d.shape.shape() for d in cfg.drafters if d.shape is not None}
     return RooflineStepTime(GPUS[hw.gpu], hw.target.shape(), cfg.verifier.tp_size, shapes,

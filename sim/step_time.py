@@ -219,9 +219,39 @@ class ExponentialStepTime:
         return max(1, int(-self.mean_ns * math.log(1.0 - self._rng.random())))
 
 
+class ScaledStepTime:
+    """Another model's times × a factor per kind: a profile re-calibrated to the
+    machine's speed of the moment (a shared machine drifts by tens of percent)."""
+
+    def __init__(self, inner: StepTimeModel, draft_factor: float = 1.0, verify_factor: float = 1.0,
+                 round_overhead_ns: float | None = None, *, draft_jitter: float = 0.0,
+                 verify_jitter: float = 0.0, seed: int = 0):
+        """``*_jitter``: σ of a mean-one lognormal factor drawn per call (seeded) — the
+        call-to-call spread of real timings. It matters beyond the mean: the adaptive
+        window policy thresholds an EMA of measured draft/verify ratios, so noisy
+        timings switch speculation off where smooth ones would not."""
+        self.inner, self.draft_factor, self.verify_factor = inner, draft_factor, verify_factor
+        self.round_overhead_ns = (getattr(inner, "round_overhead_ns", 0.0) if round_overhead_ns is None
+                                  else round_overhead_ns)
+        self.draft_jitter, self.verify_jitter = draft_jitter, verify_jitter
+        self._rng = random.Random(seed)
+
+    def _noise(self, sigma: float) -> float:
+        return self._rng.lognormvariate(-sigma * sigma / 2, sigma) if sigma > 0 else 1.0
+
+    def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
+        ns = self.inner.draft_ns(drafter, batch=batch, new_tokens=new_tokens, positions=positions,
+                                 context=context)
+        return int(self.draft_factor * ns * self._noise(self.draft_jitter)) if ns else 0
+
+    def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
+        ns = self.inner.verify_ns(group, batch=batch, tokens=tokens, context=context)
+        return int(self.verify_factor * ns * self._noise(self.verify_jitter))
+
+
 def dump_profile(profile: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile, indent=1))
 
 
-__all__ = ["FittedStepTime", "RooflineStepTime", "ExponentialStepTime", "GPUS", "GPUSpec",
+__all__ = ["FittedStepTime", "RooflineStepTime", "ExponentialStepTime", "ScaledStepTime", "GPUS", "GPUSpec",
            "ModelShape", "LinearCost", "StepTimeModel", "dump_profile"]
