@@ -184,9 +184,12 @@ def build_engine(cfg: SpecFleetConfig, models: dict):
 
 # ---- the simulated side ----------------------------------------------------------------------
 def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: list[list[int]],
-              s: ValidationSettings) -> dict:
+              s: ValidationSettings, route: bool) -> dict:
     """The machine's speed now vs when profiled: real rounds of a closed batch on
-    *profile* prompts (never the validation ones), measured ÷ predicted compute."""
+    *profile* prompts (never the validation ones), measured ÷ predicted compute.
+    Routed as the config routes, so several drafters take turns on the cores as
+    they will in its runs (each evicts the others' weights from the caches: with
+    three drafters a call cost ~2x its isolated time)."""
     from specfleet.benchmarks.sim_profile import _RecordingExecutor
     from specfleet.sim.step_time import FittedStepTime
 
@@ -196,7 +199,7 @@ def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: l
     engine.executor = recorder
     sampling = SamplingParams(max_new_tokens=s.max_new_tokens, ignore_eos=True)
     for prompt in prompts:
-        engine.submit(prompt, sampling, drafter=cfg.drafters[0].name)
+        engine.submit(prompt, sampling, route=route, drafter=None if route else cfg.drafters[0].name)
     gaps = []
     while engine.has_work:
         before = len(engine.timings)
@@ -320,12 +323,13 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
     prompts = validation_prompts(s, tokenizer)
     from specfleet.benchmarks.engine_bench import heldout_prompts
 
-    calibration_prompts = [p for d in DOMAINS
-                           for p in heldout_prompts(s.zoo, tokenizer, s.profile_prompts, s.prompt_tokens)[d]]
+    # Profile prompts, interleaved across domains so a routed config spreads over its drafters.
+    held = heldout_prompts(s.zoo, tokenizer, s.profile_prompts, s.prompt_tokens)
+    calibration_prompts = [held[d][k] for k in range(s.profile_prompts) for d in DOMAINS if k < len(held[d])]
     results = []
     for vc in CONFIGS:
         cfg = serving_config(s, vc)
-        speed = calibrate(cfg, models, profile_path, calibration_prompts[: 2 * s.batch], s)
+        speed = calibrate(cfg, models, profile_path, calibration_prompts[: 3 * s.batch], s, vc.routing)
         rate = vc.load * saturation_rate(s, vc, profile_path, prompts, decode, speed)
         requests = with_prompts(parse_workload(f"poisson:{rate}", count=s.requests, seed=s.seed,
                                                shape=WorkloadShape(s.prompt_tokens, s.max_new_tokens)),
