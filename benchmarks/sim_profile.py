@@ -185,8 +185,9 @@ class _RecordingExecutor:
                 reply = outcome.drafts.get(name)
                 if not hasattr(reply, "proposals"):
                     continue
-                new = sum(len(c.new_tokens) for c in calls)
-                ctx = sum(c.position + len(c.new_tokens) for c in calls)
+                # Padded shapes (the runner pads a ragged batch to its longest row).
+                new = len(calls) * max(len(c.new_tokens) for c in calls)
+                ctx = len(calls) * max(c.position + len(c.new_tokens) for c in calls)
                 positions = max((len(p) for p in reply.proposals), default=0)
                 for p in reply.proposals:
                     drafted[p.request_id] = len(p)
@@ -194,8 +195,9 @@ class _RecordingExecutor:
                     [len(calls), new, positions, ctx, reply.compute_ns])
             verify = outcome.verify
             if hasattr(verify, "results"):
-                tokens = sum(len(c.new_tokens) + drafted.get(c.request_id, 0) for c in plan.verify)
-                ctx = sum(c.position + len(c.new_tokens) for c in plan.verify)
+                tokens = len(plan.verify) * max(len(c.new_tokens) + drafted.get(c.request_id, 0)
+                                                for c in plan.verify)
+                ctx = len(plan.verify) * max(c.position + len(c.new_tokens) for c in plan.verify)
                 self.verifier_samples.append([len(plan.verify), tokens, ctx, verify.compute_ns])
                 for result in verify.results:
                     if result.num_drafted:

@@ -336,9 +336,15 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
                                 prompts)
         reals = []
         for _ in range(s.repeats):
-            engine = build_engine(cfg, models)  # fresh state: router table, window EMAs, KV
-            run_real(engine, requests[: max(4, s.requests // 8)], vc.routing, vc.drafters[0])  # warm-up
             engine = build_engine(cfg, models)
+            # Warm-up: the runners' first calls allocate their KV caches (~50 ms once),
+            # a start-up cost the steady state never pays again...
+            run_real(engine, requests[: max(4, s.requests // 8)], vc.routing, vc.drafters[0])
+            # ...then fresh policies (router table, window EMAs) for the measured run.
+            from specfleet.policy.factory import build_policies
+
+            policies = build_policies(cfg, models["decode"])
+            engine.scheduler.router, engine.scheduler.draft_length = policies.router, policies.draft_length
             reals.append(run_real(engine, requests, vc.routing, vc.drafters[0]))
         sim = run_sim(s, vc, profile_path, requests, decode, speed)
         real_mean = {m: statistics.fmean(r[m] for r in reals) for m in METRICS}
