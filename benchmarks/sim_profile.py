@@ -185,9 +185,8 @@ class _RecordingExecutor:
                 reply = outcome.drafts.get(name)
                 if not hasattr(reply, "proposals"):
                     continue
-                # Padded shapes (the runner pads a ragged batch to its longest row).
-                new = len(calls) * max(len(c.new_tokens) for c in calls)
-                ctx = len(calls) * max(c.position + len(c.new_tokens) for c in calls)
+                new = sum(len(c.new_tokens) for c in calls)
+                ctx = sum(c.position + len(c.new_tokens) for c in calls)
                 positions = max((len(p) for p in reply.proposals), default=0)
                 for p in reply.proposals:
                     drafted[p.request_id] = len(p)
@@ -195,9 +194,8 @@ class _RecordingExecutor:
                     [len(calls), new, positions, ctx, reply.compute_ns])
             verify = outcome.verify
             if hasattr(verify, "results"):
-                tokens = len(plan.verify) * max(len(c.new_tokens) + drafted.get(c.request_id, 0)
-                                                for c in plan.verify)
-                ctx = len(plan.verify) * max(c.position + len(c.new_tokens) for c in plan.verify)
+                tokens = sum(len(c.new_tokens) + drafted.get(c.request_id, 0) for c in plan.verify)
+                ctx = sum(c.position + len(c.new_tokens) for c in plan.verify)
                 self.verifier_samples.append([len(plan.verify), tokens, ctx, verify.compute_ns])
                 for result in verify.results:
                     if result.num_drafted:
@@ -211,8 +209,7 @@ class _RecordingExecutor:
         self.inner.idle()
 
 
-def measure_acceptance(cfg: SpecFleetConfig, verifier, drafters, *, prompts: int, window: int,
-                       max_new_tokens: int) -> dict:
+def measure_acceptance(cfg: SpecFleetConfig, verifier, drafters, *, prompts: int, window: int, max_new_tokens: int) -> dict:
     """Per-drafter, per-domain, per-position curves on held-out zoo prompts (greedy)."""
     from specfleet.benchmarks.engine_bench import DOMAINS, heldout_prompts
     from specfleet.engine.engine import SpecEngine

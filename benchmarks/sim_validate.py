@@ -184,7 +184,7 @@ def build_engine(cfg: SpecFleetConfig, models: dict):
 
 # ---- the simulated side ----------------------------------------------------------------------
 def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: list[list[int]],
-              s: ValidationSettings, route: bool) -> dict:
+              s: ValidationSettings, route: bool, rate: float | None = None) -> dict:
     """The machine's speed now vs when profiled: real rounds of a closed batch on
     *profile* prompts (never the validation ones), measured ÷ predicted compute.
     Routed as the config routes, so several drafters take turns on the cores as
@@ -198,10 +198,20 @@ def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: l
     recorder = _RecordingExecutor(engine.executor)
     engine.executor = recorder
     sampling = SamplingParams(max_new_tokens=s.max_new_tokens, ignore_eos=True)
-    for prompt in prompts:
-        engine.submit(prompt, sampling, route=route, drafter=None if route else cfg.drafters[0].name)
+    # Poisson arrivals at ``rate`` (the config's regime: idle gaps, partial batches,
+    # admissions mid-batch), or one closed batch without a rate.
+    offsets = ([r.arrival_ns for r in parse_workload(f"poisson:{rate}", count=len(prompts), seed=s.seed + 7)]
+               if rate else [0] * len(prompts))
+    pending = list(zip(offsets, prompts))
     gaps = []
-    while engine.has_work:
+    t0 = time.monotonic_ns()
+    while pending or engine.has_work:
+        while pending and t0 + pending[0][0] <= time.monotonic_ns():
+            engine.submit(pending.pop(0)[1], sampling, route=route,
+                          drafter=None if route else cfg.drafters[0].name)
+        if not engine.has_work:
+            time.sleep(max(0.0, (t0 + pending[0][0] - time.monotonic_ns()) / 1e9))
+            continue
         before = len(engine.timings)
         start = time.perf_counter_ns()
         engine.step()
@@ -329,8 +339,12 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
     results = []
     for vc in CONFIGS:
         cfg = serving_config(s, vc)
+        # Calibrate in the config's own regime (its arrival rate, on profile prompts):
+        # first a closed batch for a rate estimate, then at that rate.
         speed = calibrate(cfg, models, profile_path, calibration_prompts[: 3 * s.batch], s, vc.routing)
         rate = vc.load * saturation_rate(s, vc, profile_path, prompts, decode, speed)
+        speed = calibrate(cfg, models, profile_path, (calibration_prompts * 2)[: 6 * s.batch], s,
+                          vc.routing, rate)
         requests = with_prompts(parse_workload(f"poisson:{rate}", count=s.requests, seed=s.seed,
                                                shape=WorkloadShape(s.prompt_tokens, s.max_new_tokens)),
                                 prompts)

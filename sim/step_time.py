@@ -32,13 +32,12 @@ import numpy as np
 class StepTimeModel(Protocol):
     def draft_ns(self, drafter: str, *, batch: int, new_tokens: int, positions: int, context: int) -> int:
         """A drafter's call: ``batch`` requests, ``new_tokens`` committed tokens to
-        ingest, ``positions`` sequential draft steps, ``context`` KV length. Token and
-        context counts are *padded* (batch × the longest row), as the runner computes."""
+        ingest in total, ``positions`` sequential draft steps, ``context`` summed lengths."""
         ...
 
     def verify_ns(self, group: int, *, batch: int, tokens: int, context: int) -> int:
-        """A verifier group's forward + accept over ``tokens`` new tokens (committed
-        delta + drafts) of ``batch`` requests with ``context`` KV length, both padded."""
+        """A verifier group's forward + accept over ``tokens`` new tokens in total
+        (committed delta + drafts) of ``batch`` requests with ``context`` summed lengths."""
         ...
 
 

@@ -39,7 +39,7 @@ class SimDraftWorker:
 
     def propose(self, calls: Sequence[DraftRequest]) -> Future[DraftReply]:
         proposals, unknown = [], []
-        longest_new = longest = 0
+        new_tokens = context = 0
         name = self.name
         lengths = self.lengths
         for call in calls:
@@ -50,18 +50,12 @@ class SimDraftWorker:
                 continue
             new = len(call.new_tokens)
             length = lengths[rid] = call.position + new
-            if new > longest_new:
-                longest_new = new
-            if length > longest:
-                longest = length
+            new_tokens += new
+            context += length
             n = call.num_draft_tokens
             proposals.append(DraftProposal(rid, [DRAFT_TOKEN] * n, list(range(ROOT, n - 1)),
                                            [1.0] * n, None, name))
-        # Padded shapes: the runner pads a ragged batch to its longest row (input
-        # [B, S], attention over [B, S, L]), so one prompt in a batch of decodes costs
-        # like a batch of prompts.
-        batch = len(calls)
-        self.last_new_tokens, self.last_context = batch * longest_new, batch * longest
+        self.last_new_tokens, self.last_context = new_tokens, context
         return completed(DraftReply(proposals, 0, tuple(unknown)))
 
     def release(self, request_ids: Sequence[str]) -> None:
@@ -95,7 +89,7 @@ class SimVerifyWorker:
                     else:
                         got.append(p)
         results, unknown = [], []
-        widest = longest = 0
+        tokens = context = 0
         lengths, rounds, domain_of = self.lengths, self.rounds, self.domain_of
         accept = self.acceptance.accepted
         for call in calls:
@@ -122,14 +116,11 @@ class SimVerifyWorker:
                         best = a
             # The KV now holds the committed tokens; what the scheduler keeps of the
             # emitted ones arrives with the next call's position.
-            if new > widest:
-                widest = new
-            if length > longest:
-                longest = length
+            tokens += new
+            context += length
             results.append(VerifyResult(rid, [DRAFT_TOKEN] * best + [TARGET_TOKEN], best, drafted,
                                         list(range(best))))
-        # Padded shapes, as for drafts: [B, longest row] tokens over [B, longest KV].
-        self.last_tokens, self.last_context = len(calls) * widest, len(calls) * longest
+        self.last_tokens, self.last_context = tokens, context
         return completed(VerifyReply(results, 0, tuple(unknown)))
 
     def release(self, request_ids: Sequence[str]) -> None:
