@@ -209,7 +209,8 @@ class _RecordingExecutor:
         self.inner.idle()
 
 
-def measure_acceptance(cfg: SpecFleetConfig, verifier, drafters, *, prompts: int, window: int, max_new_tokens: int) -> dict:
+def measure_acceptance(cfg: SpecFleetConfig, verifier, drafters, *, prompts: int, window: int,
+                       max_new_tokens: int) -> dict:
     """Per-drafter, per-domain, per-position curves on held-out zoo prompts (greedy)."""
     from specfleet.benchmarks.engine_bench import DOMAINS, heldout_prompts
     from specfleet.engine.engine import SpecEngine

@@ -184,7 +184,7 @@ def build_engine(cfg: SpecFleetConfig, models: dict):
 
 # ---- the simulated side ----------------------------------------------------------------------
 def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: list[list[int]],
-              s: ValidationSettings, route: bool, rate: float | None = None) -> dict:
+              s: ValidationSettings, route: bool) -> dict:
     """The machine's speed now vs when profiled: real rounds of a closed batch on
     *profile* prompts (never the validation ones), measured ÷ predicted compute.
     Routed as the config routes, so several drafters take turns on the cores as
@@ -198,20 +198,10 @@ def calibrate(cfg: SpecFleetConfig, models: dict, profile_path: Path, prompts: l
     recorder = _RecordingExecutor(engine.executor)
     engine.executor = recorder
     sampling = SamplingParams(max_new_tokens=s.max_new_tokens, ignore_eos=True)
-    # Poisson arrivals at ``rate`` (the config's regime: idle gaps, partial batches,
-    # admissions mid-batch), or one closed batch without a rate.
-    offsets = ([r.arrival_ns for r in parse_workload(f"poisson:{rate}", count=len(prompts), seed=s.seed + 7)]
-               if rate else [0] * len(prompts))
-    pending = list(zip(offsets, prompts))
+    for prompt in prompts:
+        engine.submit(prompt, sampling, route=route, drafter=None if route else cfg.drafters[0].name)
     gaps = []
-    t0 = time.monotonic_ns()
-    while pending or engine.has_work:
-        while pending and t0 + pending[0][0] <= time.monotonic_ns():
-            engine.submit(pending.pop(0)[1], sampling, route=route,
-                          drafter=None if route else cfg.drafters[0].name)
-        if not engine.has_work:
-            time.sleep(max(0.0, (t0 + pending[0][0] - time.monotonic_ns()) / 1e9))
-            continue
+    while engine.has_work:
         before = len(engine.timings)
         start = time.perf_counter_ns()
         engine.step()
@@ -339,26 +329,16 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
     results = []
     for vc in CONFIGS:
         cfg = serving_config(s, vc)
-        # Calibrate in the config's own regime (its arrival rate, on profile prompts):
-        # first a closed batch for a rate estimate, then at that rate.
         speed = calibrate(cfg, models, profile_path, calibration_prompts[: 3 * s.batch], s, vc.routing)
         rate = vc.load * saturation_rate(s, vc, profile_path, prompts, decode, speed)
-        speed = calibrate(cfg, models, profile_path, (calibration_prompts * 2)[: 6 * s.batch], s,
-                          vc.routing, rate)
         requests = with_prompts(parse_workload(f"poisson:{rate}", count=s.requests, seed=s.seed,
                                                shape=WorkloadShape(s.prompt_tokens, s.max_new_tokens)),
                                 prompts)
         reals = []
         for _ in range(s.repeats):
+            engine = build_engine(cfg, models)  # fresh state: router table, window EMAs, KV
+            run_real(engine, requests[: max(4, s.requests // 8)], vc.routing, vc.drafters[0])  # warm-up
             engine = build_engine(cfg, models)
-            # Warm-up: the runners' first calls allocate their KV caches (~50 ms once),
-            # a start-up cost the steady state never pays again...
-            run_real(engine, requests[: max(4, s.requests // 8)], vc.routing, vc.drafters[0])
-            # ...then fresh policies (router table, window EMAs) for the measured run.
-            from specfleet.policy.factory import build_policies
-
-            policies = build_policies(cfg, models["decode"])
-            engine.scheduler.router, engine.scheduler.draft_length = policies.router, policies.draft_length
             reals.append(run_real(engine, requests, vc.routing, vc.drafters[0]))
         sim = run_sim(s, vc, profile_path, requests, decode, speed)
         real_mean = {m: statistics.fmean(r[m] for r in reals) for m in METRICS}
