@@ -28,6 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     engine.set_defaults(handler=_engine)
 
+    val = sub.add_parser(
+        "sim-validate",
+        help="the simulator against the real in-process engine on the same arrivals (small zoo)",
+    )
+    val.add_argument("--json", metavar="FILE", required=True, help="write the full report as JSON")
+    val.add_argument("--out-dir", default="sim-validate", help="profile file and plots (default: ./sim-validate)")
+    val.add_argument("--requests", type=int, default=96, help="requests per run (default: 96)")
+    val.add_argument("--repeats", type=int, default=3, help="real runs per config (default: 3)")
+    val.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    val.add_argument("--scale-requests", type=int, default=10_000,
+                     help="requests of the 64-drafter, 8-group H200 speed run (default: 10000)")
+    val.add_argument("--configs", help="comma-separated subset of the validation configs")
+    val.set_defaults(handler=_sim_validate)
+
 
 def _engine(args) -> int:
     from specfleet.benchmarks.engine_bench import BenchSettings, format_table, run
@@ -52,4 +66,39 @@ def _engine(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    return 0
+
+
+def _sim_validate(args) -> int:
+    from pathlib import Path
+
+    from specfleet.benchmarks import sim_validate
+
+    for name in ("requests", "repeats", "max_new_tokens", "scale_requests"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if args.configs:
+        known = {c.name: c for c in sim_validate.CONFIGS}
+        unknown = [n for n in args.configs.split(",") if n not in known]
+        if unknown:
+            print(f"error: unknown config {unknown[0]!r} (known: {', '.join(known)})", file=sys.stderr)
+            return 2
+        sim_validate.CONFIGS = tuple(known[n] for n in args.configs.split(","))
+    settings = sim_validate.ValidationSettings(requests=args.requests, repeats=args.repeats,
+                                               max_new_tokens=args.max_new_tokens,
+                                               scale_requests=args.scale_requests)
+    out = Path(args.out_dir)
+    report = sim_validate.run(settings, out, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"machine: {report['machine']}")
+    print(sim_validate.format_table(report))
+    print(f"median error {report['median_error']:.1%}, max {report['max_error']:.1%} (throughput, p50, p90); "
+          f"acceptance length max error {report['acceptance_max_error']:.1%}; Kendall tau (p90) "
+          f"{report['kendall_tau']:.2f}; M/M/1 max error {report['mm1_max_error']:.1%}; "
+          f"{report['events_per_s']:,.0f} events/s; 64x8 H200, {report['scale']['requests']} requests: "
+          f"{report['scale']['wall_s']:.1f} s")
+    for path in sim_validate.write_plots(report, out):
+        print(f"wrote {path}")
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
     return 0

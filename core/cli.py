@@ -18,6 +18,8 @@ SUBCOMMAND_MODULES = [
     "specfleet.core.cli_config",
     "specfleet.zoo.cli_zoo",
     "specfleet.benchmarks.cli_bench",
+    "specfleet.benchmarks.cli_profile",
+    "specfleet.sim.cli_sim",
     "specfleet.router.cli_generate",
     "specfleet.router.cli_serve",
 ]

@@ -21,6 +21,8 @@ FORBIDDEN = {
     "models": {"zoo", "drafters", "verifiers", "engine", "router", "cluster"},
     "verifiers": {"drafters", "engine", "router", "cluster", "zoo"},
     "cluster": {"router"},
+    # The simulator runs the scheduler and policies, on simulated workers only.
+    "sim": {"models", "zoo", "drafters", "verifiers", "router", "cluster", "benchmarks", "testing", "proto"},
 }
 
 # Files that decide (the scheduler, every policy) are told the time and never touch a
@@ -58,3 +60,39 @@ def test_deciders_read_no_clock_and_hold_no_tensors(path):
     bad = [f"line {line}: {name}" for line, name in imported_modules(path)
            if name.split(".")[0] in WALL_CLOCK_OR_TENSORS]
     assert not bad, f"{path.relative_to(REPO)} imports " + ", ".join(bad)
+
+
+# The simulator may take exactly one module of engine/: the scheduler (not the driver,
+# the executors or the builder, which pull in drafters, verifiers and torch).
+SIM_ALLOWED_ENGINE = {"specfleet.engine.scheduler"}
+SIM_FORBIDDEN_THIRD_PARTY = {"torch", "ray", "transformers", "grpc"}
+
+
+def test_sim_imports_only_the_scheduler_policies_and_core():
+    bad = []
+    for path in sorted((REPO / "sim").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.startswith("specfleet.engine") and name not in SIM_ALLOWED_ENGINE:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+                if name.split(".")[0] in SIM_FORBIDDEN_THIRD_PARTY:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_importing_the_simulator_loads_no_torch_or_ray():
+    """Transitively, too: a fresh interpreter imports every sim module and checks."""
+    import subprocess
+    import sys
+
+    modules = [f"specfleet.sim.{p.stem}" for p in sorted((REPO / "sim").glob("*.py")) if p.stem != "__init__"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "bad = [m for m in ('torch', 'ray', 'transformers', 'grpc') if m in sys.modules]\n"
+            + "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
