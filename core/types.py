@@ -98,9 +98,16 @@ class DraftProposal:
     # (one-hot q); an all-NaN row marks one deterministic node in a mixed (fused) tree.
     draft_probs: np.ndarray | None = None
     drafter: str = ""  # which drafter produced it (stats)
+    # Per node, every drafter that proposed it (a fused tree, ``policy/fusion.py``);
+    # None: all of them are ``drafter``'s. The verifier credits each drafter with the
+    # accepted nodes it proposed, which is what the router learns from.
+    sources: list[tuple[str, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def sources_of(self, node: int) -> tuple[str, ...]:
+        return self.sources[node] if self.sources is not None else (self.drafter,)
 
     @staticmethod
     def chain_parents(n: int) -> list[int]:
@@ -126,6 +133,9 @@ class VerifyResult:
     # Set when verifying this request alone failed (the rest of the batch is unaffected):
     # a short, client-safe reason; nothing was emitted.
     error: str | None = None
+    # drafter → (tokens it drafted on its deepest path, how many of them were accepted):
+    # one entry per drafter whose nodes were in the proposal (several for a fused tree).
+    credit: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def unverified(cls, request_id: str) -> VerifyResult:

@@ -57,6 +57,18 @@ class DraftReply:
 
 
 @dataclass(frozen=True)
+class FusionPlan:
+    """How the verifier merges one request's proposals from several drafters into one
+    token tree (``policy/fusion.py``). Planned by the scheduler, applied where the
+    proposals meet — in the verifier, since drafter replies may go there directly."""
+
+    # (drafter, reliability in (0, 1]) for every cooperating drafter, most trusted first:
+    # a node's confidence is its drafter's probability times this weight.
+    reliability: tuple[tuple[str, float], ...]
+    max_nodes: int  # node budget of the fused tree
+
+
+@dataclass(frozen=True)
 class VerifyCall:
     """One request's part of a verify call (the verifier's position contract)."""
 
@@ -67,6 +79,9 @@ class VerifyCall:
     # The draft to check. None: take it from this round's drafter replies (the
     # executor may ship those straight from drafter to verifier); no draft = plain step.
     proposal: DraftProposal | None = None
+    # Several drafters proposed for this request: fuse their proposals this way. None:
+    # at most one proposal is expected (the first one found is used).
+    fusion: FusionPlan | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from specfleet.core.sampling import draw_seed
 from specfleet.core.types import ROOT, DraftProposal, SamplingParams, VerifyResult
 from specfleet.core.workers import DraftReply, VerifyCall, VerifyReply
 from specfleet.models.llama_runner import ForwardItem, LlamaRunner
+from specfleet.policy.fusion import credit, fuse
 from specfleet.verifiers.acceptance import Acceptance, accept_greedy, accept_keyed
 
 logger = logging.getLogger(__name__)
@@ -125,15 +126,17 @@ class Verifier:
         ``drafts`` (the round's drafter replies), or verifies without drafts.
         """
         start = time.perf_counter_ns()
-        drafted = {p.request_id: p for reply in drafts for p in reply.proposals}
+        drafted: dict[str, list[DraftProposal]] = {}
+        for reply in drafts:
+            for p in reply.proposals:
+                drafted.setdefault(p.request_id, []).append(p)
         items, work, unknown = [], [], []
         for call in calls:
             req = self._sync(call)
             if req is None:
                 unknown.append(call.request_id)
                 continue
-            proposal = call.proposal if call.proposal is not None else drafted.get(call.request_id)
-            proposal = proposal if proposal is not None else DraftProposal.empty(call.request_id)
+            proposal = call.proposal if call.proposal is not None else _one_tree(call, drafted)
             room = self.runner.max_seq_len - len(req.tokens)  # cache slots left for drafts
             if len(proposal) > room:
                 # Parents precede children, so a prefix of the nodes is still a valid tree.
@@ -172,6 +175,7 @@ class Verifier:
                 accepted_nodes=list(outcome.accepted_nodes),
                 forward_ns=forward_ns,
                 queue_ns=max(0, start - req.last_verified_ns),
+                credit=credit(proposal, outcome.accepted_nodes) if len(proposal) else {},
             )
             req.last_verified_ns = time.perf_counter_ns()
         ordered = [results.get(c.request_id) or VerifyResult.unverified(c.request_id) for c in calls]
@@ -187,11 +191,23 @@ class Verifier:
                             len(req.tokens))
 
 
+def _one_tree(call: VerifyCall, drafted: dict[str, list[DraftProposal]]) -> DraftProposal:
+    """The proposal to check for ``call``: its drafters' replies, fused when the plan
+    asks for it and more than one drafter proposed something."""
+    proposals = [p for p in drafted.get(call.request_id, ()) if len(p)]
+    if not proposals:
+        return DraftProposal.empty(call.request_id)
+    if call.fusion is None or len(proposals) == 1:
+        return proposals[0]
+    return fuse(call.request_id, proposals, call.fusion)
+
+
 def _trim(proposal: DraftProposal, n: int) -> DraftProposal:
     q = None if proposal.draft_probs is None else proposal.draft_probs[:n]
+    sources = None if proposal.sources is None else proposal.sources[:n]
     return DraftProposal(
         proposal.request_id, proposal.tokens[:n], proposal.parents[:n],
-        proposal.confidences[:n], q, proposal.drafter,
+        proposal.confidences[:n], q, proposal.drafter, sources,
     )
 
 
