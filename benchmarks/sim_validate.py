@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from specfleet.core.clock import MonotonicClock
 from specfleet.core.config import (
     DrafterConfig,
     ModelsConfig,
@@ -265,7 +266,7 @@ def run_sim(s, vc, profile_path, requests, decode, speed: dict | None = None) ->
     sim = build_simulation(cfg, Path("."), decode=decode)
     if not vc.routing:
         requests = [replace(r, drafter=vc.drafters[0]) for r in requests]
-    return summarize(sim.run(requests), cost_per_hour=cost_per_hour(cfg))
+    return summarize(sim.run(requests, wall_clock=MonotonicClock()), cost_per_hour=cost_per_hour(cfg))
 
 
 def saturation_rate(s, vc, profile_path, prompts, decode, speed=None) -> float:
@@ -356,7 +357,8 @@ def run(s: ValidationSettings, out_dir: Path, progress=print) -> dict:
                  f"{ {m: round(sim[m], 4) for m in METRICS} } errors "
                  f"{ {m: round(e, 3) for m, e in errors.items()} } noise { {m: round(v, 3) for m, v in noise.items()} }")
     all_errors = [c["error"][m] for c in results for m in ("throughput", "p50", "p90")]
-    mm1 = {rho: run_mm1(rho, 100_000 if rho >= 0.7 else 40_000, seed=s.seed) for rho in (0.3, 0.5, 0.7, 0.8)}
+    mm1 = {rho: run_mm1(rho, 100_000 if rho >= 0.7 else 40_000, seed=s.seed,
+                         wall_clock=MonotonicClock()) for rho in (0.3, 0.5, 0.7, 0.8)}
     scale = scale_run(s.scale_requests)
     report = {
         "machine": machine_description(),
@@ -388,7 +390,7 @@ def scale_run(requests: int) -> dict:
     cfg, base = load_deployment(REPO / "configs" / "sim" / "h200-64x8.yaml")
     sim = build_simulation(cfg, base)
     reqs = parse_workload("poisson:40", count=requests, seed=0, shape=WorkloadShape(512, 256))
-    run = sim.run(reqs)
+    run = sim.run(reqs, wall_clock=MonotonicClock())
     r = summarize(run)
     return {"requests": r["requests"], "wall_s": run.wall_s, "events": run.events,
             "events_per_s": r["events_per_s"], "request_rounds": sum(c.rounds for c in

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from specfleet.core.clock import MonotonicClock
+
 SLO_METRICS = {
     "p50_latency": ("latency", "p50"), "p90_latency": ("latency", "p90"),
     "p99_latency": ("latency", "p99"), "mean_latency": ("latency", "mean"),
@@ -93,9 +95,9 @@ def simulate_one(cfg, base: Path, requests, *, progress: bool = False) -> dict:
         from tqdm import tqdm
 
         with tqdm(total=len(requests), unit="req", desc=cfg.name, file=sys.stderr) as bar:
-            run = sim.run(requests, progress=bar.update)
+            run = sim.run(requests, progress=bar.update, wall_clock=MonotonicClock())
     else:
-        run = sim.run(requests)
+        run = sim.run(requests, wall_clock=MonotonicClock())
     report = summarize(run, cost_per_hour=cost_per_hour(cfg))
     report["name"] = cfg.name
     report["batch_per_group"] = sim.scheduler.max_batch_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specfleet.core.clock import Clock
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.draft_length import FixedDraftLength
 from specfleet.sim.acceptance import AcceptanceCurves
@@ -27,7 +28,7 @@ class MM1Result:
     requests: int
     measured_s: float  # mean time in system
     theory_s: float  # 1 / (μ − λ)
-    events_per_s: float
+    events_per_s: float  # 0 unless the caller passed a wall clock
 
     @property
     def error(self) -> float:
@@ -35,7 +36,7 @@ class MM1Result:
 
 
 def run_mm1(utilisation: float, requests: int, *, service_s: float = 0.01, seed: int = 0,
-            warmup: float = 0.05) -> MM1Result:
+            warmup: float = 0.05, wall_clock: Clock | None = None) -> MM1Result:
     """Simulate ``requests`` arrivals at ρ = ``utilisation``; the first ``warmup``
     fraction (the queue filling from empty) is left out of the mean."""
     if not 0 < utilisation < 1:
@@ -46,8 +47,9 @@ def run_mm1(utilisation: float, requests: int, *, service_s: float = 0.01, seed:
     scheduler = Scheduler(drafters=[], draft_length=FixedDraftLength(0), groups=1, max_batch_size=1)
     executor = SimExecutor([], 1, ExponentialStepTime(service_s * 1e9, seed=seed + 1),
                            AcceptanceCurves({}))
-    run = Simulator(scheduler, executor, route=False).run(arrivals)
+    run = Simulator(scheduler, executor, route=False).run(arrivals, wall_clock=wall_clock)
     skip = int(len(arrivals) * warmup)
     times = [(run.records[r.request_id].finish_ns - r.arrival_ns) / 1e9 for r in arrivals[skip:]]
     return MM1Result(utilisation, len(times), sum(times) / len(times),
-                     1.0 / (1.0 / service_s - rate), run.events / run.wall_s)
+                     1.0 / (1.0 / service_s - rate),
+                     run.events / run.wall_s if run.wall_s > 0 else 0.0)

@@ -24,10 +24,10 @@ before planning.
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from specfleet.core.clock import Clock
 from specfleet.core.types import SamplingParams
 from specfleet.engine.scheduler import Scheduler
 from specfleet.sim.executor import SimExecutor
@@ -71,7 +71,7 @@ class SimRun:
     start_ns: int
     end_ns: int
     events: int
-    wall_s: float
+    wall_s: float  # the simulation's own run time (0 unless the caller timed it)
     rejected: dict[str, str] = field(default_factory=dict)  # request → why the scheduler refused it
 
 
@@ -97,9 +97,12 @@ class Simulator:
         rec.last_token_ns = now
         rec.tokens += len(tokens)
 
-    def run(self, requests: Sequence[SimRequest], progress: Callable[[int], None] | None = None) -> SimRun:
+    def run(self, requests: Sequence[SimRequest], progress: Callable[[int], None] | None = None,
+            *, wall_clock: Clock | None = None) -> SimRun:
         """Simulate until every request has finished; ``progress(n)`` is told of each
-        finished request."""
+        finished request. ``wall_clock`` (the caller's, e.g. ``MonotonicClock``) times the
+        simulation itself for ``events_per_s``; the simulation never reads a clock, so
+        without one ``wall_s`` is 0."""
         sched, ex = self.scheduler, self.executor
         heap: list = []
         seq = 0
@@ -112,7 +115,7 @@ class Simulator:
         events = 0
         rejected: dict[str, str] = {}
         inbox: list[SimRequest] = []  # arrived during a lockstep step
-        start_wall = time.perf_counter()
+        start_wall_ns = wall_clock.now_ns() if wall_clock is not None else 0
         push = heapq.heappush
         while heap:
             now, kind, _, payload = heapq.heappop(heap)
@@ -178,7 +181,8 @@ class Simulator:
                     push(heap, (now, _PLAN, seq, None))
         start = arrivals[0].arrival_ns if arrivals else 0
         return SimRun(self._records, sched, ex, start, self._now, events,
-                      time.perf_counter() - start_wall, rejected)
+                      (wall_clock.now_ns() - start_wall_ns) / 1e9 if wall_clock is not None else 0.0,
+                      rejected)
 
     def _submit(self, req: SimRequest, arrival_ns: int, now: int, rejected: dict[str, str]) -> bool:
         prompt = list(req.prompt) or [DOMAIN_TOKEN.get(req.domain, 4)] * req.prompt_tokens

@@ -96,3 +96,12 @@ def test_importing_the_simulator_loads_no_torch_or_ray():
             + "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sim").glob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_the_simulator_reads_no_wall_clock(path):
+    """Simulated entities are told the time; a caller that wants the simulation's own
+    speed passes a clock in (``Simulator.run(wall_clock=...)``)."""
+    bad = [f"line {line}: {name}" for line, name in imported_modules(path)
+           if name.split(".")[0] in {"time", "datetime"}]
+    assert not bad, f"{path.relative_to(REPO)} imports " + ", ".join(bad)
