@@ -45,32 +45,37 @@ class ProfileGrid:
 TINY_GRID = ProfileGrid(batches=(1, 2), contexts=(16, 48), windows=(1, 4), repeats=2)
 
 
-def profile_verifier(verifier, grid: ProfileGrid, vocab: int) -> list[list[float]]:
-    """Samples [batch, tokens, context, ns] of real verify calls."""
-    samples = []
-    greedy = SamplingParams(max_new_tokens=8)
+def _grid_points(grid: ProfileGrid, prefix: str):
+    """(batch, context, window, request ids) for every repeat of every grid point;
+    ids are fresh per point so no call finds another point's state."""
     n = 0
     for b in grid.batches:
         for ctx in grid.contexts:
             for w in grid.windows:
                 for _ in range(grid.repeats):
-                    rids = [f"p{n}-{i}" for i in range(b)]
+                    yield b, ctx, w, [f"{prefix}{n}-{i}" for i in range(b)]
                     n += 1
-                    prompt = [(7 * i + 3) % vocab for i in range(ctx)]
-                    drafts = [DraftProposal(r, [5] * w, DraftProposal.chain_parents(w), [1.0] * w)
-                              for r in rids]
-                    first = [VerifyCall(r, 0, prompt, greedy, p) for r, p in zip(rids, drafts)]
-                    start = time.perf_counter_ns()
-                    verifier.verify(first)
-                    ns = time.perf_counter_ns() - start
-                    samples.append([b, b * (ctx + w), b * ctx, ns])
-                    later = [VerifyCall(r, ctx, [9, 11], greedy, p) for r, p in zip(rids, drafts)]
-                    start = time.perf_counter_ns()
-                    verifier.verify(later)
-                    ns = time.perf_counter_ns() - start
-                    samples.append([b, b * (2 + w), b * (ctx + 2), ns])
-                    for r in rids:
-                        verifier.release(r)
+
+
+def _timed_ns(call, calls) -> int:
+    start = time.perf_counter_ns()
+    call(calls)
+    return time.perf_counter_ns() - start
+
+
+def profile_verifier(verifier, grid: ProfileGrid, vocab: int) -> list[list[float]]:
+    """Samples [batch, tokens, context, ns] of real verify calls."""
+    samples = []
+    greedy = SamplingParams(max_new_tokens=8)
+    for b, ctx, w, rids in _grid_points(grid, "p"):
+        prompt = [(7 * i + 3) % vocab for i in range(ctx)]
+        drafts = [DraftProposal(r, [5] * w, DraftProposal.chain_parents(w), [1.0] * w) for r in rids]
+        first = [VerifyCall(r, 0, prompt, greedy, p) for r, p in zip(rids, drafts)]
+        samples.append([b, b * (ctx + w), b * ctx, _timed_ns(verifier.verify, first)])
+        later = [VerifyCall(r, ctx, [9, 11], greedy, p) for r, p in zip(rids, drafts)]
+        samples.append([b, b * (2 + w), b * (ctx + 2), _timed_ns(verifier.verify, later)])
+        for r in rids:
+            verifier.release(r)
     return samples
 
 
@@ -78,22 +83,14 @@ def profile_drafter(drafter, grid: ProfileGrid, vocab: int) -> list[list[float]]
     """Samples [batch, new_tokens, positions, context, ns] of real draft calls."""
     samples = []
     greedy = SamplingParams(max_new_tokens=8)
-    n = 0
-    for b in grid.batches:
-        for ctx in grid.contexts:
-            for w in grid.windows:
-                for _ in range(grid.repeats):
-                    rids = [f"q{n}-{i}" for i in range(b)]
-                    n += 1
-                    prompt = [(5 * i + 1) % vocab for i in range(ctx)]
-                    start = time.perf_counter_ns()
-                    drafter.propose([DraftRequest(r, 0, prompt, w, greedy) for r in rids])
-                    samples.append([b, b * ctx, w, b * ctx, time.perf_counter_ns() - start])
-                    start = time.perf_counter_ns()
-                    drafter.propose([DraftRequest(r, ctx, [9, 11], w, greedy) for r in rids])
-                    samples.append([b, b * 2, w, b * (ctx + 2), time.perf_counter_ns() - start])
-                    for r in rids:
-                        drafter.release(r)
+    for b, ctx, w, rids in _grid_points(grid, "q"):
+        prompt = [(5 * i + 1) % vocab for i in range(ctx)]
+        first = [DraftRequest(r, 0, prompt, w, greedy) for r in rids]
+        samples.append([b, b * ctx, w, b * ctx, _timed_ns(drafter.propose, first)])
+        later = [DraftRequest(r, ctx, [9, 11], w, greedy) for r in rids]
+        samples.append([b, b * 2, w, b * (ctx + 2), _timed_ns(drafter.propose, later)])
+        for r in rids:
+            drafter.release(r)
     return samples
 
 

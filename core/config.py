@@ -23,11 +23,15 @@ Device = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-def _f(default, help: str, **meta):
-    """A field with help text (and optional ``min``); mutable defaults via factory."""
+def config_field(default, help: str, **meta):
+    """A field with help text (and optional ``min``); mutable defaults via factory.
+    Every typed YAML config (this one, the simulator's deployments) declares with it."""
     if callable(default) and not isinstance(default, (int, float, str, bool)):
         return field(default_factory=default, metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+_f = config_field  # the short name the many fields below use
 
 
 def _required(help: str):

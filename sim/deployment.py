@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Literal
 
 from specfleet.core.config import Domain, RouterConfig, SchedulerConfig
+from specfleet.core.config import config_field as _f
 from specfleet.core.typed_yaml import load_yaml_file
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.factory import build_draft_length, build_router
@@ -31,12 +32,6 @@ from specfleet.sim.step_time import (
     ScaledStepTime,
     StepTimeModel,
 )
-
-
-def _f(default, help: str, **meta):
-    if callable(default) and not isinstance(default, (int, float, str, bool)):
-        return field(default_factory=default, metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
