@@ -120,7 +120,7 @@ class RayRuntime:
             info = self.verifier.info
             self.scheduler = Scheduler(
                 drafters=list(self.drafters), draft_length=policies.draft_length, router=policies.router,
-                default_drafter=policies.default_drafter, groups=vcfg.count, max_batch_size=slots,
+                width=policies.width, default_drafter=policies.default_drafter, groups=vcfg.count, max_batch_size=slots,
                 eos_token_ids=info.get("eos_token_ids") or (), decode=decode,
                 vocab_size=info.get("vocab_size"), max_seq_len=info.get("max_seq_len") or vcfg.max_seq_len,
             )

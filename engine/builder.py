@@ -105,5 +105,5 @@ def build_engine(cfg: SpecFleetConfig):
     policies = build_policies(cfg, verifier.decode)
     return SpecEngine(
         verifiers, drafters, draft_policy=policies.draft_length, router=policies.router,
-        default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
+        width=policies.width, default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
     )

@@ -29,7 +29,7 @@ from specfleet.core.stats import RoundTiming, SpecDecodingStats
 from specfleet.core.types import SamplingParams
 from specfleet.core.workers import Executor, FailureKind, VerifyReply, WorkerFailure
 from specfleet.engine.scheduler import Scheduler
-from specfleet.policy.routing import ExpertiseRouter
+from specfleet.policy.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class EngineDriver:
         self.scheduler.token_sink = sink
 
     @property
-    def router(self) -> ExpertiseRouter | None:
+    def router(self) -> Router | None:
         return self.scheduler.router
 
     @property
