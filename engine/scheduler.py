@@ -221,11 +221,10 @@ class Scheduler:
         return list(self._by_id[request_id].generated)
 
     def load(self) -> LoadSnapshot:
-        users: dict[str, int] = {}
-        for group in self._groups:
-            for req in group.values():
-                if req.drafter is not None:
-                    users[req.drafter] = users.get(req.drafter, 0) + 1
+        users: dict[str, int] = {}  # queued requests count: a burst is spread at admission
+        for req in itertools.chain(self._waiting, *(g.values() for g in self._groups)):
+            if req.drafter is not None:
+                users[req.drafter] = users.get(req.drafter, 0) + 1
         down = frozenset(d for d, until in self._down_until.items() if until > self._now_ns)
         return LoadSnapshot(
             waiting=len(self._waiting),

@@ -19,7 +19,7 @@ Policy (CoSine's routing and cooperation, SPIN's reward, a UCB bandit):
    other), so a drafter added at run time gets traffic at once and keeps only what it
    earns.
 3. Load: a drafter the scheduler reports down is skipped; a drafter's score is divided
-   by ``1 + load_weight * share``, its share of the running requests, so identical
+   by ``1 + load_weight * share``, its share of the drafted requests, so identical
    copies split the traffic instead of the first taking all of it.
 4. Re-routing mid-flight: after ``min_rounds`` rounds on its primary drafter, a request
    whose own reward (an EMA) falls below ``(1 - reroute_margin)`` of what the best
@@ -112,12 +112,14 @@ class LearnedRouter:
     def _score(self, domain: str, profile: DrafterProfile, load: LoadSnapshot | None) -> float:
         arm = self._arms.get((domain, profile.name))
         if arm is None or not arm.rounds:
-            return _UNTRIED + self._prior(domain, profile)
-        best = max((self._mean(domain, d.name) or 0.0) for d in self.drafters)
-        total = self._domain_rounds.get(domain, 1)
-        score = arm.reward + self.ucb_c * best * math.sqrt(math.log(total + 1) / arm.rounds)
-        if load is not None and load.running:
-            share = load.drafter_requests.get(profile.name, 0) / load.running
+            score = _UNTRIED * (1.0 + 0.01 * self._prior(domain, profile))
+        else:
+            best = max((self._mean(domain, d.name) or 0.0) for d in self.drafters)
+            total = self._domain_rounds.get(domain, 1)
+            score = arm.reward + self.ucb_c * best * math.sqrt(math.log(total + 1) / arm.rounds)
+        served = sum(load.drafter_requests.values()) if load is not None else 0
+        if served:
+            share = load.drafter_requests.get(profile.name, 0) / served
             score /= 1.0 + self.load_weight * share
         return score
 
