@@ -145,6 +145,9 @@ class ServerConfig:
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", min=1)
     max_message_bytes: int = _f(4 * 1024 * 1024, "gRPC message size limit", min=1024)
     auth_token: str | None = _f(None, "bearer token required from clients; none = no auth")
+    admin_token: str | None = _f(
+        None, "token of the admin API (drafters add/remove, metadata x-specfleet-admin-token); none = admin API off"
+    )
     tls_cert: str | None = _f(None, "PEM certificate chain file; with tls_key the server uses TLS")
     tls_key: str | None = _f(None, "PEM private key file of tls_cert")
 

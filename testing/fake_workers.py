@@ -236,6 +236,12 @@ class ScriptedExecutor:
             self.clock.advance(max((o.wall_ns for o in outcomes), default=0))
         return outcomes
 
+    def add_drafter(self, name: str, worker: ScriptedDrafter) -> None:
+        self.drafters[name] = worker
+
+    def remove_drafter(self, name: str) -> ScriptedDrafter:
+        return self.drafters.pop(name)
+
     def housekeeping(self, work: Housekeeping) -> None:
         work.deliver(self.drafters, self.verifiers)
 
