@@ -7,7 +7,9 @@ n-gram, suffix) deployed in every arm; only the routing policy differs between a
 - ``single:<drafter>``: that drafter for every request;
 - ``random``: a drafter drawn per request at admission;
 - ``expertise``: today's expertise router (per-domain acceptance, chosen once, ε-greedy);
-- ``learned``: the learned router (``policy/learned_routing.py``), one drafter per round;
+- ``learned``: the learned router (``policy/learned_routing.py``) with the learned domain
+  signal (``policy/domain_signal.py``, centroids from the zoo's training corpus), one
+  drafter per round;
 - ``learned+fusion``: the learned router letting up to ``max_cooperating`` drafters
   cooperate, their proposals fused into one tree (``policy/fusion.py``);
 - ``oracle``: in hindsight, each request's best single drafter (from the single arms).
@@ -95,6 +97,10 @@ class FleetBench:
         self.max_seq_len = s.prompt_tokens + s.max_new_tokens + 16
         self.params = SamplingParams(max_new_tokens=s.max_new_tokens, ignore_eos=True)
         self._model_drafters = self._build_model_drafters()
+        from specfleet.zoo.domain_centroids import fit_for_zoo
+        from specfleet.zoo.presets import zoo_dir
+
+        self.classifier = fit_for_zoo(s.zoo, zoo_dir(s.zoo))  # the learned arms' domain signal
         self.reference: dict[tuple, list[int]] = {}
 
     # ---- construction ---------------------------------------------------------------------
@@ -116,7 +122,7 @@ class FleetBench:
         if arm == "expertise":
             return ExpertiseRouter(profiles, decode=self._decode, exploration=0.1, seed=self.s.seed)
         if arm in ("learned", FUSED):
-            return LearnedRouter(profiles, decode=self._decode)
+            return LearnedRouter(profiles, decode=self._decode, classify=self.classifier)
         return None
 
     def engine(self, router, width: int, *, without: tuple[str, ...] = ()):
@@ -287,6 +293,9 @@ def run(s: FleetSettings, progress=print) -> dict:
     report = {"machine": machine_description(), "settings": {k: v for k, v in vars(s).items()},
               "arms": {a: _median_dict(r) for a, r in per_run.items() if r}}
     report["oracle_pins"] = oracle_pins
+    from specfleet.zoo.domain_centroids import heldout_accuracy
+
+    report["domain_accuracy"] = heldout_accuracy(s.zoo, bench.classifier)
     report.update(ratios(report["arms"], s))
     if FUSED in arms and last_pins:
         report["newcomer"] = bench.newcomer(last_pins)

@@ -118,7 +118,9 @@ class RayRuntime:
                 )
             self.placements = self._wait_ready(start_timeout_s)
             decode = _target_decode(cfg)
-            policies = build_policies(cfg, decode)
+            from specfleet.zoo.domain_centroids import classifier_for
+
+            policies = build_policies(cfg, decode, classifier_for(cfg))
             info = self.verifier.info
             self.scheduler = Scheduler(
                 drafters=list(self.drafters), draft_length=policies.draft_length, router=policies.router,

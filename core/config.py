@@ -97,6 +97,13 @@ class RouterConfig:
     prior_specialist: float = _f(2.5, "score (tokens/round) of an untried drafter of the request's domain", min=0)
     prior_general: float = _f(2.0, "score of an untried general drafter", min=0)
     prior_other: float = _f(1.5, "score of an untried specialist of another domain", min=0)
+    domain_signal: Literal["cues", "learned"] = _f(
+        "cues", "learned router: how prompts get a domain: cues (text patterns) or learned (nearest "
+        "centroid over hashed n-grams, the cues deciding when unsure)"
+    )
+    domain_centroids: str | None = _f(
+        None, "domain_signal learned: centroids JSON; default: fitted from the zoo's corpus for a zoo target"
+    )
     max_cooperating: int = _f(
         1, "learned: most drafters whose proposals are fused into one tree per request (1: no fusion)", min=1
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from specfleet.core.config import SpecFleetConfig
+from specfleet.policy.domains import classify_domain
 from specfleet.policy.draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 from specfleet.policy.learned_routing import LearnedRouter
 from specfleet.policy.routing import (
@@ -46,14 +47,16 @@ def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
     )
 
 
-def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> Router | None:
-    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter)."""
+def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None,
+                 classify: Callable[[str], str] | None = None) -> Router | None:
+    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter).
+    ``classify`` (text → domain) replaces the textual cues of the learned router."""
     rc = cfg.router
     profiles = [DrafterProfile(d.name, d.domain) for d in cfg.drafters]
     priors = RouterPriors(rc.prior_specialist, rc.prior_general, rc.prior_other)
     if rc.policy == "learned":
         return LearnedRouter(
-            profiles, decode=decode, ucb_c=rc.ucb_c, smoothing=rc.smoothing, load_weight=rc.load_weight,
+            profiles, decode=decode, classify=classify or classify_domain, ucb_c=rc.ucb_c, smoothing=rc.smoothing, load_weight=rc.load_weight,
             reroute_margin=rc.reroute_margin, min_rounds=rc.reroute_min_rounds,
             cooperate_ratio=rc.cooperate_ratio, priors=priors,
         )
@@ -76,9 +79,10 @@ def default_drafter(cfg: SpecFleetConfig) -> str:
     return cfg.router.default_drafter or cfg.drafters[0].name
 
 
-def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> Policies:
+def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None,
+                   classify: Callable[[str], str] | None = None) -> Policies:
     return Policies(
-        router=build_router(cfg, decode),
+        router=build_router(cfg, decode, classify),
         default_drafter=default_drafter(cfg),
         draft_length=build_draft_length(cfg),
         width=build_width(cfg),
