@@ -86,3 +86,24 @@ def test_fused_sampling_depends_only_on_the_seed(models):
 
 
 torch.set_num_threads(1)
+
+
+def test_per_step_cooperation_equals_hf_and_keeps_members_tokens(models):
+    from specfleet.drafters.cooperative_step import StepCooperativeDrafter
+
+    def run(members):
+        coop = StepCooperativeDrafter(members)
+        verifier = Verifier(LlamaRunner(models["target"], max_slots=8, max_seq_len=200))
+        engine = SpecEngine(verifier, {"coop": coop}, draft_policy=FixedDraftLength(4), max_batch_size=8)
+        outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=N, ignore_eos=True), drafter="coop")
+        for prompt, out in zip(PROMPTS, outs):
+            assert out.token_ids == hf_greedy(models["target"], prompt, N)
+        return coop, sum(o.stats.accepted for o in outs) / sum(o.stats.drafted for o in outs)
+
+    # Disagreeing random members: exact, whatever they propose.
+    run({"m1": model_drafter(models["m1"], "m1"), "m2": model_drafter(models["m2"], "m2")})
+    # Two copies of the target: every kept token is the target's, so chains are accepted
+    # whole (the step-by-step feedback keeps both members on the chosen chain).
+    coop, rate = run({"self": model_drafter(models["target"], "self"),
+                      "self2": model_drafter(models["target"], "self2")})
+    assert rate > 0.95 and coop.member_wins["self"] > 0 and coop.member_wins["self2"] > 0
