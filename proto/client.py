@@ -65,6 +65,8 @@ class SpeculationStats:
     rounds: int  # verification rounds (target forward passes) after prefill
     mean_acceptance_length: float  # tokens per round, counting the recovered/bonus token
     drafters: dict[str, int] = field(default_factory=dict)  # drafter name -> rounds served
+    accepted_by: dict[str, int] = field(default_factory=dict)  # drafter -> accepted tokens it proposed
+    domain: str = ""  # the router's classification of the prompt ("" when not routed)
 
     @property
     def acceptance_rate(self) -> float:
@@ -192,7 +194,8 @@ def _usage(msg: pb.Usage) -> Usage:
 
 def _stats(msg: pb.SpeculationStats) -> SpeculationStats:
     return SpeculationStats(
-        msg.drafted, msg.accepted, msg.rounds, msg.mean_acceptance_length, dict(msg.drafters)
+        msg.drafted, msg.accepted, msg.rounds, msg.mean_acceptance_length, dict(msg.drafters),
+        dict(msg.accepted_by), msg.domain,
     )
 
 

@@ -97,8 +97,15 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("drafted", "accepted", "rounds", "mean_acceptance_length", "drafters")
+    __slots__ = ("drafted", "accepted", "rounds", "mean_acceptance_length", "drafters", "accepted_by", "domain")
     class DraftersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class AcceptedByEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -110,12 +117,16 @@ class SpeculationStats(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DRAFTERS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BY_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     drafted: int
     accepted: int
     rounds: int
     mean_acceptance_length: float
     drafters: _containers.ScalarMap[str, int]
-    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., rounds: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., drafters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    accepted_by: _containers.ScalarMap[str, int]
+    domain: str
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., rounds: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., drafters: _Optional[_Mapping[str, int]] = ..., accepted_by: _Optional[_Mapping[str, int]] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("total_ns", "first_token_ns")

@@ -314,3 +314,6 @@ def _fill_stats(stats: pb.SpeculationStats, chunk: GenerationChunk) -> None:
     stats.mean_acceptance_length = s.mean_acceptance_length
     for name, rounds in s.drafters.items():
         stats.drafters[name] = int(rounds)
+    for name, accepted in s.accepted_by.items():
+        stats.accepted_by[name] = int(accepted)
+    stats.domain = s.domain or ""

@@ -129,7 +129,12 @@ def test_add_list_remove_in_process_and_stay_exact(inprocess_server, expected):
         assert err.value.code == grpc.StatusCode.NOT_FOUND
         # Routed requests (the learned router tries the newcomer at once) stay exact.
         for prompt in PROMPTS:
-            assert client.generate(prompt, max_new_tokens=N).token_ids == expected(prompt)
+            result = client.generate(prompt, max_new_tokens=N)
+            assert result.token_ids == expected(prompt)
+            # Per-drafter credit and the router's domain travel with the response.
+            assert result.stats.domain in ("code", "prose", "data")
+            assert set(result.stats.accepted_by) <= set(result.stats.drafters)
+            assert sum(result.stats.accepted_by.values()) >= result.stats.accepted
         assert client.info().drafters[-1].name == "suffix2"
     out = cli("remove", "--server", address, "suffix2")
     assert out.returncode == 0 and "suffix2" not in out.stdout, out.stderr
