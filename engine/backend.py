@@ -8,6 +8,11 @@ driver over drafter and verifier actors. The servicer never knows which.
 
 Continuous batching: requests are admitted into the running engine between rounds,
 so a new request never waits for the current batch to finish.
+
+Observability without locks: after every round the engine thread publishes a fresh
+``LoadSnapshot`` (``load_snapshot``, an immutable value other threads may read at any
+time) and hands each new ``RoundTiming`` to ``round_observer`` if one is set — the
+frontend's Prometheus export (``router/metrics.py``) reads both, never the engine.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from specfleet.core.load import LoadSnapshot
 from specfleet.core.serving import (
     BackendInfo,
     ChunkError,
@@ -27,6 +33,7 @@ from specfleet.core.serving import (
     GenerationRequest,
     VerifierGroupInfo,
 )
+from specfleet.core.stats import RoundTiming
 from specfleet.core.types import FinishReason
 from specfleet.core.workers import WorkerUnavailable
 
@@ -63,6 +70,11 @@ class EngineBackend:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = threading.Event()
+        # Read by other threads (metrics): replaced, never mutated, by the engine thread.
+        self.load_snapshot: LoadSnapshot = engine.load()
+        # Called on the engine thread with each round's timing; must be quick (metrics).
+        self.round_observer: Callable[[RoundTiming], None] | None = None
+        self._last_timing: RoundTiming | None = None
         engine.token_sink = self._on_tokens
         self._thread = threading.Thread(target=self._run, name="specfleet-engine", daemon=True)
         self._thread.start()
@@ -148,6 +160,7 @@ class EngineBackend:
                 break
             if command is not None:
                 self._handle(command, payload)
+                self.load_snapshot = self.engine.load()
                 continue  # drain the inbox before the next round
             if not self.engine.has_work:
                 continue
@@ -161,6 +174,7 @@ class EngineBackend:
                 logger.exception("engine round failed")
                 self._fail_all(str(exc))
                 continue
+            self._publish()
             for out in finished:
                 if out.finish_reason == FinishReason.ERROR:  # this request alone failed
                     error = ChunkError(ErrorCode.INTERNAL, out.error or "request failed")
@@ -169,6 +183,27 @@ class EngineBackend:
                     self._emit(
                         GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
                     )
+
+    def _publish(self) -> None:
+        """The load after this round, and the rounds' timings since the last call."""
+        self.load_snapshot = self.engine.load()
+        timings = getattr(self.engine, "timings", None)
+        if not timings:
+            return
+        new: list[RoundTiming] = []
+        for timing in reversed(timings):  # the deque holds the latest rounds; walk back to the last seen
+            if timing is self._last_timing:
+                break
+            new.append(timing)
+        self._last_timing = timings[-1]
+        observer = self.round_observer
+        if observer is not None:
+            for timing in reversed(new):
+                try:
+                    observer(timing)
+                except Exception:  # metrics must never stop the engine
+                    logger.exception("round observer failed")
+                    break
 
     def _fail_all(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
         message = message.strip().splitlines()[0][:200] if message.strip() else "engine failure"
