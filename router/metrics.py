@@ -93,8 +93,8 @@ class Metrics:
                               "Request received by the frontend -> its first token.")
         self.itl = histogram(
             "inter_token_latency_seconds",
-            "Per token after the first: the gap between two outputs divided by the tokens "
-            "the later one brought (sum = first token -> last token).")
+            "Per token after the request's first output: the gap between two outputs "
+            "divided by the tokens the later one brought (sum = first output -> last).")
         self.e2e = histogram("e2e_request_latency_seconds",
                              "Request received by the frontend -> its end.")
         self.queue = histogram("request_queue_time_seconds",

@@ -49,12 +49,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_zoo):
+def stack(tiny_zoo, request):
+    """A module may set ``STACK_CONFIG = lambda cfg: cfg'`` to serve a variant of tiny.yaml."""
     from specfleet.core.config import load_config
     from specfleet.models.loading import load_causal_lm
     from specfleet.router.server import ServerThread, load_tokenizer, make_backend
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
+    cfg = getattr(request.module, "STACK_CONFIG", lambda c: c)(cfg)
     backend = make_backend(cfg, "inprocess")
     try:
         tokenizer = load_tokenizer(cfg)
