@@ -56,7 +56,14 @@ from specfleet.router.openai_protocol import (
     translate_invalid,
     usage,
 )
-from specfleet.router.servicer import Piece, Prepared, RequestError, SpecFleetServicer
+from specfleet.router.server import short_reason
+from specfleet.router.servicer import (
+    INLINE_TOKENIZE_CHARS,
+    Piece,
+    Prepared,
+    RequestError,
+    SpecFleetServicer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +98,6 @@ class _Api:
             status, kind, code = _STATUS.get(exc.code, (500, "server_error", None))
             logger.info("http: %s: %s", exc.code.name, exc)
             return OpenAIError(status, str(exc), type=kind, code=code)
-        from specfleet.router.server import short_reason  # server imports this module
-
         error_id = uuid.uuid4().hex[:12]
         logger.error("http request failed [error %s]: %s: %s", error_id, type(exc).__name__, exc,
                      exc_info=exc)
@@ -235,6 +240,16 @@ class _Api:
         return JSONResponse(self.respond(kind, rid, text, tokens, last, req.return_token_ids))
 
 
+def _most_telling(errors) -> dict:
+    """Of pydantic's errors (one per member of a union such as ``prompt``'s), the one a
+    client can act on: a broken constraint (``2**40`` is over int32) beats a type mismatch
+    with another member (``not a string``), and the deepest location wins a tie."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    return max(errors, key=lambda e: (not str(e.get("type", "")).endswith("_type"),
+                                      len(e.get("loc", ()))))
+
+
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
@@ -289,7 +304,7 @@ def build_app(servicer: SpecFleetServicer, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        err = _most_telling(exc.errors())
         loc = [str(p) for p in err.get("loc", ())[1:] if _is_field(p)]  # loc[0] is "body"
         param = ".".join(loc) or None
         if err.get("type") == "extra_forbidden":
@@ -343,7 +358,11 @@ def build_app(servicer: SpecFleetServicer, config: ServerConfig) -> FastAPI:
         api.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = render_chat(servicer.tokenizer, messages)
+            if sum(len(m["content"]) for m in messages) > INLINE_TOKENIZE_CHARS:
+                # As the servicer does for long text: keep the event loop (other streams) moving.
+                prompt = await asyncio.to_thread(render_chat, servicer.tokenizer, messages)
+            else:
+                prompt = render_chat(servicer.tokenizer, messages)
         except NoChatTemplate as exc:
             raise bad_request(f"messages: {exc}", "messages") from None
         except ValueError as exc:
@@ -391,6 +410,9 @@ class HttpServer:
         # Bound here rather than by uvicorn, which answers a taken port with sys.exit.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
+        # As uvicorn does: rebind at once after a restart (TIME_WAIT); on Linux this still
+        # refuses a second listener on the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

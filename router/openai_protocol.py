@@ -103,7 +103,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[INT32] | list[str] | list[list[INT32]]
     max_tokens: INT32 | None = 16
     echo: bool = False
     logprobs: int | None = None

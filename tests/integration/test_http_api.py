@@ -174,6 +174,8 @@ def _bad(model: str, limit: int, context: int):
         ({**ok, "seed": -1}, 400, "seed"),
         ({**ok, "prompt": ""}, 400, "prompt"),
         ({**ok, "prompt": [1, -1]}, 400, "prompt"),
+        ({**ok, "prompt": [1, 2**40]}, 400, "prompt.1"),
+        ({**ok, "prompt": [[1, 2**40]]}, 400, "prompt.0.1"),
         ({**ok, "prompt": ["a", "b"]}, 400, "prompt"),
         ({**ok, "prompt": [1] * context}, 400, "prompt"),
         ({**ok, "prompt": "x", "extra_body": {"prompt": {"a": 1}}}, 400, "prompt"),
