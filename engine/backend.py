@@ -11,8 +11,9 @@ so a new request never waits for the current batch to finish.
 
 Observability without locks: after every round the engine thread publishes a fresh
 ``LoadSnapshot`` (``load_snapshot``, an immutable value other threads may read at any
-time) and hands each new ``RoundTiming`` to ``round_observer`` if one is set — the
-frontend's Prometheus export (``router/metrics.py``) reads both, never the engine.
+time) and hands each new ``RoundTiming`` to ``round_observer`` if one is set; while
+one is set it also publishes ``fleet_snapshot`` (worker failures, the router's table).
+The frontend's Prometheus export (``router/metrics.py``) reads these, never the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from specfleet.core.load import LoadSnapshot
 from specfleet.core.serving import (
@@ -54,6 +56,17 @@ def backend_info(cfg, *, vocab_size: int, max_seq_len: int) -> BackendInfo:
     )
 
 
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Fleet-wide state for metrics, copied on the engine thread after a round."""
+
+    draft_failures: dict[str, int] = field(default_factory=dict)  # drafter → failed calls
+    verify_failures: dict[int, int] = field(default_factory=dict)  # group → failed calls
+    # domain → drafter → the router's current score (``ExpertiseRouter.table``); empty
+    # without a router.
+    router_table: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 class EngineBackend:
     """Runs a ``SpecEngine`` on its own thread; asyncio callers stream from it.
 
@@ -74,6 +87,7 @@ class EngineBackend:
         self.load_snapshot: LoadSnapshot = engine.load()
         # Called on the engine thread with each round's timing; must be quick (metrics).
         self.round_observer: Callable[[RoundTiming], None] | None = None
+        self.fleet_snapshot = FleetSnapshot()
         self._last_timing: RoundTiming | None = None
         engine.token_sink = self._on_tokens
         self._thread = threading.Thread(target=self._run, name="specfleet-engine", daemon=True)
@@ -93,6 +107,11 @@ class EngineBackend:
 
     def active_request_ids(self) -> list[str]:
         return self.engine.request_ids
+
+    def worker_restarts(self) -> tuple[dict[str, int], dict[int, int]]:
+        """(drafter → restarts, verifier group → restarts) since start. In-process
+        workers are plain objects that are never restarted; the Ray backend's are actors."""
+        return {}, {}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._closed.is_set():
@@ -198,6 +217,12 @@ class EngineBackend:
         self._last_timing = timings[-1]
         observer = self.round_observer
         if observer is not None:
+            stats = self.engine.stats
+            table = getattr(self.engine.router, "table", None)
+            self.fleet_snapshot = FleetSnapshot(
+                dict(stats.draft_failures), dict(stats.verify_failures),
+                table() if table is not None else {},
+            )
             for timing in reversed(new):
                 try:
                     observer(timing)

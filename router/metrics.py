@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from specfleet.core.stats import RoundTiming
 from specfleet.router.servicer import RequestRecord
@@ -188,6 +188,22 @@ class _LoadCollector:
         drafter_requests = GaugeMetricFamily(PREFIX + "drafter_requests_running",
                                              "Running requests each drafter serves.",
                                              labels=["drafter"])
+        router_score = GaugeMetricFamily(
+            PREFIX + "router_score",
+            "The router's current score of a drafter for a domain (expected tokens per round, "
+            "observed or prior): its learned expertise table.", labels=["domain", "drafter"])
+        draft_failures = CounterMetricFamily(PREFIX + "drafter_failures",
+                                             "Failed draft calls (the round went on without them).",
+                                             labels=["drafter"])
+        verify_failures = CounterMetricFamily(PREFIX + "verifier_failures",
+                                              "Failed verify calls (the group's requests are re-sent).",
+                                              labels=["verifier_group"])
+        drafter_restarts = CounterMetricFamily(PREFIX + "drafter_restarts",
+                                               "Drafter actors restarted by their supervisor.",
+                                               labels=["drafter"])
+        verifier_restarts = CounterMetricFamily(PREFIX + "verifier_restarts",
+                                                "Verifier group leaders restarted by their supervisor.",
+                                                labels=["verifier_group"])
         if load is not None:
             running.add_metric([], load.running)
             waiting.add_metric([], load.waiting)
@@ -196,4 +212,21 @@ class _LoadCollector:
                 capacity.add_metric([str(group)], g.capacity)
             for name, count in sorted(load.drafter_requests.items()):
                 drafter_requests.add_metric([name], count)
-        yield from (running, waiting, in_use, capacity, drafter_requests)
+        fleet = getattr(self._backend, "fleet_snapshot", None)
+        if fleet is not None:
+            for domain, row in sorted(fleet.router_table.items()):
+                for drafter, score in sorted(row.items()):
+                    router_score.add_metric([domain, drafter], score)
+            for name, count in sorted(fleet.draft_failures.items()):
+                draft_failures.add_metric([name], count)
+            for group, count in sorted(fleet.verify_failures.items()):
+                verify_failures.add_metric([str(group)], count)
+        restarts = getattr(self._backend, "worker_restarts", None)
+        if restarts is not None:
+            drafters, groups = restarts()
+            for name, count in sorted(drafters.items()):
+                drafter_restarts.add_metric([name], count)
+            for group, count in sorted(groups.items()):
+                verifier_restarts.add_metric([str(group)], count)
+        yield from (running, waiting, in_use, capacity, drafter_requests, router_score,
+                    draft_failures, verify_failures, drafter_restarts, verifier_restarts)

@@ -123,7 +123,8 @@ class RequestRecord:
     total_ns: int  # received -> end
     first_token_ns: int | None  # received -> first token; None if none came
     # (gap since the previous piece's tokens, tokens in this piece) for every piece after
-    # the first with tokens: the inter-token latencies a streaming client saw.
+    # the first with tokens: the output cadence a streaming client sees (measured the
+    # same way for whole responses).
     token_gaps: list[tuple[int, int]]
 
 

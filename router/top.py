@@ -64,6 +64,8 @@ class Snapshot:
     drafters: dict[str, Spec] = field(default_factory=lambda: defaultdict(Spec))
     domains: dict[str, Spec] = field(default_factory=lambda: defaultdict(Spec))
     drafter_running: dict[str, float] = field(default_factory=dict)
+    drafter_failures: dict[str, float] = field(default_factory=dict)
+    drafter_restarts: dict[str, float] = field(default_factory=dict)
     kv: dict[str, tuple[float, float]] = field(default_factory=dict)  # group -> (in use, capacity)
     # histogram name -> cumulative buckets [(upper bound, count)], summed over labels
     buckets: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
@@ -94,6 +96,10 @@ def parse(text: str, at: float = 0.0) -> Snapshot:
                 snap.requests[reason] = snap.requests.get(reason, 0.0) + value
             elif name == P + "drafter_requests_running":
                 snap.drafter_running[labels["drafter"]] = value
+            elif name == P + "drafter_failures_total":
+                snap.drafter_failures[labels["drafter"]] = value
+            elif name == P + "drafter_restarts_total":
+                snap.drafter_restarts[labels["drafter"]] = value
             elif name == P + "kv_slots_in_use":
                 kv_use[labels["verifier_group"]] = value
             elif name == P + "kv_slots_capacity":
@@ -153,24 +159,29 @@ def render(snap: Snapshot, previous: Snapshot | None = None, *, server: str = ""
     for group, (used, cap) in snap.kv.items():
         kv.add_row(group, f"{used:.0f} / {cap:.0f}")
 
-    def spec_table(title: str, rows: dict[str, Spec], running: dict[str, float] | None) -> Table:
+    def spec_table(title: str, rows: dict[str, Spec], health: bool) -> Table:
         table = Table(title=title, expand=False)
         cols = [title, "drafts", "drafted", "accepted", "accept rate", "mean acc. len"]
-        if running is not None:
-            cols.append("running")
+        if health:  # drafter health: what it serves now, and how often it failed
+            cols += ["running", "failures", "restarts"]
         for i, col in enumerate(cols):
             table.add_column(col, justify="left" if i == 0 else "right")
-        for name in sorted(set(rows) | set(running or {})):
+        names = set(rows)
+        if health:
+            names |= set(snap.drafter_running) | set(snap.drafter_failures)
+        for name in sorted(names):
             s = rows.get(name, Spec())
             row = [name, f"{s.drafts:.0f}", f"{s.draft_tokens:.0f}", f"{s.accepted:.0f}",
                    f"{s.acceptance_rate:.0%}", f"{s.mean_acceptance_length:.2f}"]
-            if running is not None:
-                row.append(f"{running.get(name, 0):.0f}")
+            if health:
+                row += [f"{snap.drafter_running.get(name, 0):.0f}",
+                        f"{snap.drafter_failures.get(name, 0):.0f}",
+                        f"{snap.drafter_restarts[name]:.0f}" if name in snap.drafter_restarts else "-"]
             table.add_row(*row)
         return table
 
-    return Group(head, latency, kv, spec_table("drafter", snap.drafters, snap.drafter_running),
-                 spec_table("domain", snap.domains, None))
+    return Group(head, latency, kv, spec_table("drafter", snap.drafters, True),
+                 spec_table("domain", snap.domains, False))
 
 
 def scrape(server: str, timeout: float = 5.0) -> Snapshot:

@@ -119,6 +119,10 @@ def test_per_position_and_domain_counters_equal_the_http_stats(stack):
     for domain in domains:
         assert delta(after, before, spec + "num_rounds_total", domain=domain) == sum(
             s["rounds"] for s in stats if (s["domain"] or "none") == domain), domain
+    # The router's table: a score for every (domain, drafter), for the domains it routed.
+    scores = {dict(ls)["drafter"]: v for (n, ls), v in after.items()
+              if n == "specfleet:router_score" and dict(ls)["domain"] == "code"}
+    assert set(scores) == {d.name for d in stack.cfg.drafters} and all(v > 0 for v in scores.values())
     assert delta(after, before, spec + "num_emitted_tokens_total", verifier_group="0") == sum(
         s["emitted"] for s in stats)
     assert delta(after, before, "specfleet:requests_total", api="http", finish_reason="length") + \

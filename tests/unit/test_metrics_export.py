@@ -18,6 +18,7 @@ from rich.console import Console
 
 from specfleet.core.load import GroupLoad, LoadSnapshot
 from specfleet.core.stats import RequestStats, RoundTiming
+from specfleet.engine.backend import FleetSnapshot
 from specfleet.router.metrics import Metrics, spec_labels
 from specfleet.router.servicer import RequestRecord
 from specfleet.router.top import parse, quantile, render
@@ -33,6 +34,11 @@ class _Backend:
         self.round_observer = None
         self.load_snapshot = LoadSnapshot(waiting=2, groups=(GroupLoad(3, 8),),
                                           drafter_requests={"code": 2, "ngram": 1})
+        self.fleet_snapshot = FleetSnapshot({"ngram": 3}, {0: 1},
+                                            {"code": {"code": 3.5, "ngram": 1.25}})
+
+    def worker_restarts(self):
+        return {"code": 0, "ngram": 2}, {0: 1}
 
 
 def _record(drafter: str | None, rounds: list[tuple[int, int, int]], domain: str | None,
@@ -75,6 +81,10 @@ def test_the_counters_are_the_records_sums(metrics):
     assert 'specfleet:spec_decode_num_rounds_total{domain="none",drafter="none",verifier_group="0"} 4.0' in page
     assert 'specfleet:inter_token_latency_seconds_count{api="grpc"} 12.0' in page
     assert "specfleet:num_requests_waiting 2.0" in page
+    assert 'specfleet:router_score{domain="code",drafter="ngram"} 1.25' in page
+    assert 'specfleet:drafter_failures_total{drafter="ngram"} 3.0' in page
+    assert 'specfleet:drafter_restarts_total{drafter="ngram"} 2.0' in page
+    assert 'specfleet:verifier_restarts_total{verifier_group="0"} 1.0' in page
 
 
 def test_a_request_of_several_drafters_is_labelled_with_all():
@@ -127,8 +137,9 @@ def test_top_renders_a_scraped_page(metrics):
         line = next(ln for ln in out.splitlines() if ln.startswith(f"│ {label} "))
         return [cell.strip() for cell in line.strip("│").split("│")]
 
-    assert row("code") == ["code", "2", "8", "4", "50%", "2.33", "2"]  # 4/8 accepted; 7 in 3 rounds
-    assert row("ngram") == ["ngram", "1", "2", "2", "100%", "2.00", "1"]
+    # 4/8 accepted; 7 tokens in 3 rounds; running, failures, restarts
+    assert row("code") == ["code", "2", "8", "4", "50%", "2.33", "2", "0", "0"]
+    assert row("ngram") == ["ngram", "1", "2", "2", "100%", "2.00", "1", "3", "2"]
     # Every TTFT was 10 ms, in the (5 ms, 10 ms] bucket: interpolated as Prometheus does.
     ttft = next(ln for ln in out.splitlines() if "TTFT" in ln)
     assert [c.strip() for c in ttft.strip("│").split("│")] == ["TTFT", "7.5 ms", "9.5 ms", "10.0 ms"]
