@@ -146,6 +146,13 @@ class ServerConfig:
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("server.tls_cert and server.tls_key: set both or neither")
+        ports = [("port", self.port), ("http_port", self.http_port), ("metrics_port", self.metrics_port)]
+        taken: dict[int, str] = {}
+        for key, value in ports:
+            if value:  # None is off, 0 is a free port: neither can clash
+                if value in taken:
+                    raise ValueError(f"server.{key}: {value} is also server.{taken[value]}")
+                taken[value] = key
 
 
 @dataclass(frozen=True)

@@ -222,9 +222,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(stack, oai,
 def test_bearer_token_is_the_grpcs(stack, model):
     from specfleet.router.server import ServerThread
 
-    config = dataclasses.replace(stack.cfg.server, auth_token="s3cret")
+    config = dataclasses.replace(stack.cfg.server, auth_token="s3cret", served_model_name="tiny")
     with ServerThread(stack.backend, stack.tokenizer, config, http_port=0) as server:
         url = f"{server.server.http.url}/v1"
+        model = "tiny"  # served_model_name: the name clients use instead of models.target
+        with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0) as client:
+            assert [m.id for m in client.models.list().data] == ["tiny"]
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=stack.cfg.models.target, prompt="hi", max_tokens=2)
         with openai.OpenAI(base_url=url, api_key="wrong", max_retries=0) as client:
             with pytest.raises(openai.AuthenticationError) as err:
                 client.completions.create(model=model, prompt="hi", max_tokens=2)
