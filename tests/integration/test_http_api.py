@@ -271,3 +271,25 @@ def test_a_client_that_goes_away_cancels_its_request(stack, model, slow_engine):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{stack.http_url}/v1/completions", json=body, timeout=0.5)
     assert wait_until(lambda: not stack.backend.active_request_ids())
+
+
+def test_the_concurrency_limit_is_a_429_on_both_apis(stack, model, slow_engine):
+    from specfleet.client import SpecFleetError
+    from specfleet.router.server import ServerThread
+
+    config = dataclasses.replace(stack.cfg.server, max_concurrent_requests=1)
+    with ServerThread(stack.backend, stack.tokenizer, config, http_port=0) as server:
+        url = f"{server.server.http.url}/v1"
+        with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30) as client:
+            holding = client.completions.create(model=model, prompt="hi", max_tokens=50,
+                                                stream=True, extra_body={"speculation": {"disable": True}})
+            next(iter(holding))  # the one slot is taken while this stream runs
+            with pytest.raises(openai.RateLimitError) as err:
+                client.completions.create(model=model, prompt="hi", max_tokens=2)
+            assert err.value.body["code"] == "rate_limit_exceeded"
+            with Client(server.address, timeout=30) as grpc_client, \
+                    pytest.raises(SpecFleetError) as grpc_err:
+                grpc_client.generate("hi", max_new_tokens=2)  # the limit is shared
+            assert grpc_err.value.code.name == "RESOURCE_EXHAUSTED"
+            holding.close()
+        assert wait_until(lambda: not stack.backend.active_request_ids())
