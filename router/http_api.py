@@ -223,7 +223,11 @@ class _Api:
         errors = dict(prompt_param=prompt_param, max_tokens_param=max_tokens_param)
         if req.stream:
             try:
-                stream, first = await self.first_piece(prepared)
+                # Until the first token the response has not started: watch for the client
+                # going away here too (a request can wait long for a group, or hang).
+                stream, first = await _unless_disconnected(request, self.first_piece(prepared))
+            except _ClientGone:
+                return JSONResponse({}, status_code=499)
             except Exception as exc:
                 raise self.as_openai(exc, **errors) from None
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
