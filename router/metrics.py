@@ -158,6 +158,8 @@ class Metrics:
         return f"http://{host}:{self.port}/metrics"
 
     def stop(self) -> None:
+        if getattr(self.backend, "round_observer", None) == self.observe_round:
+            self.backend.round_observer = None  # the backend may outlive this frontend (tests)
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
