@@ -28,6 +28,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     engine.set_defaults(handler=_engine)
 
+    fleet = sub.add_parser(
+        "fleet",
+        help="routing and cooperative drafting across the zoo's drafters: single drafters, random, "
+             "expertise, learned, learned+fusion, hindsight oracle",
+    )
+    fleet.add_argument("--zoo", default="small", choices=["tiny", "small"], help="zoo size (default: small)")
+    fleet.add_argument("--target", default="target-xl", choices=["target", "target-xl"],
+                       help="target model of the zoo (default: target-xl)")
+    fleet.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default: 3)")
+    fleet.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    fleet.add_argument("--prompts", type=int, default=3, help="held-out prompts per domain (default: 3)")
+    fleet.add_argument("--loads", default="0.5,1.5",
+                       help="Poisson arrival rates in requests/s, comma-separated (default: 0.5,1.5)")
+    fleet.add_argument("--max-cooperating", type=int, default=3,
+                       help="drafters fused per request in the learned+fusion arm (default: 3)")
+    fleet.add_argument("--arms", help="comma-separated subset of the arms (default: all)")
+    fleet.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    fleet.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    fleet.set_defaults(handler=_fleet)
+
     val = sub.add_parser(
         "sim-validate",
         help="the simulator against the real in-process engine on the same arrivals (small zoo)",
@@ -66,6 +86,45 @@ def _engine(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    return 0
+
+
+def _fleet(args) -> int:
+    from specfleet.benchmarks.fleet_bench import FleetSettings, arm_names, format_table, run
+
+    for name in ("runs", "max_new_tokens", "prompts", "max_cooperating", "threads"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        loads = tuple(float(x) for x in args.loads.split(",") if x.strip())
+    except ValueError:
+        print(f"error: --loads: expected numbers like 0.5,1.5, got {args.loads!r}", file=sys.stderr)
+        return 2
+    if not loads or any(x <= 0 for x in loads):
+        print("error: --loads: rates must be > 0", file=sys.stderr)
+        return 2
+    arms = [a for a in (args.arms or "").split(",") if a]
+    unknown = [a for a in arms if a not in arm_names()]
+    if unknown:
+        print(f"error: unknown arm {unknown[0]!r} (known: {', '.join(arm_names())})", file=sys.stderr)
+        return 2
+    settings = FleetSettings(zoo=args.zoo, target=args.target, runs=args.runs,
+                             max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts,
+                             loads=loads, max_cooperating=args.max_cooperating, threads=args.threads,
+                             arms=arms)
+    report = run(settings, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"target: zoo:{settings.zoo}/{settings.target}; machine: {report['machine']}")
+    print(format_table(report))
+    if "speedup_vs_best_single" in report:
+        print(f"learned+fusion vs best single ({report['best_single']}): "
+              f"{report['speedup_vs_best_single']:.2f}x tokens/s, p50 x{report['p50_ratio_vs_best_single']:.2f}; "
+              f"fraction of oracle {report.get('fraction_of_oracle', float('nan')):.2f}; fusion gain "
+              f"{report.get('fusion_gain_accepted_per_verify', float('nan')):.2f}x accepted/verify; "
+              f"newcomer: {report.get('newcomer_requests_to_fair_share')} requests to its fair share")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
     return 0
 
 

@@ -116,7 +116,8 @@ def with_prompts(requests: list[SimRequest], prompts: dict[str, list[list[int]]]
 
 # ---- the real side ---------------------------------------------------------------------------
 def run_real(engine, requests: list[SimRequest], route: bool, drafter: str) -> dict:
-    """Replay arrivals into the real engine; metrics with the simulator's definitions."""
+    """Replay arrivals into the real engine; metrics with the simulator's definitions.
+    Requests are routed (``route``) or drafted by ``drafter``, unless pinned themselves."""
     from specfleet.sim.metrics import latency_report
 
     arrival, first, last, finish, gaps, tokens = {}, {}, {}, {}, [], {}
@@ -141,8 +142,9 @@ def run_real(engine, requests: list[SimRequest], route: bool, drafter: str) -> d
             i = pending.pop(0)
             r = requests[i]
             arrival[r.request_id] = t0 + r.arrival_ns
+            pinned = r.drafter or (None if route else drafter)  # a request's own pin wins
             engine.submit(list(r.prompt), sampling[i], request_id=r.request_id,
-                          route=route, drafter=None if route else drafter)
+                          route=route and r.drafter is None, drafter=pinned)
         if engine.has_work:
             for out in engine.step():
                 finish[out.request_id] = time.monotonic_ns()

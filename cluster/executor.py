@@ -286,6 +286,17 @@ class RayExecutor:
             self._compiled.teardown()
             self._compiled = None
 
+    # ---- the fleet ----------------------------------------------------------------------------
+    def add_drafter(self, name: str, handle: DrafterHandle) -> None:
+        """A drafter actor joins (ready); a compiled graph over the old set is dropped."""
+        self._drop_compiled()
+        self.drafters[name] = handle
+
+    def remove_drafter(self, name: str) -> DrafterHandle:
+        """A drafter leaves between rounds; the caller shuts its actor down."""
+        self._drop_compiled()
+        return self.drafters.pop(name)
+
     # ---- between rounds --------------------------------------------------------------------
     def housekeeping(self, work: Housekeeping) -> None:
         """Queue releases and finished sequences to ride on each actor's next call;

@@ -28,7 +28,7 @@ from specfleet.cluster.actors import (
 )
 from specfleet.cluster.executor import RayExecutor
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
-from specfleet.core.config import ClusterConfig, SpecFleetConfig
+from specfleet.core.config import ClusterConfig, DrafterConfig, SpecFleetConfig
 from specfleet.core.serving import BackendInfo
 from specfleet.engine.backend import EngineBackend, backend_info
 from specfleet.engine.driver import EngineDriver
@@ -92,6 +92,8 @@ class RayRuntime:
 
         self.cfg = cfg
         self.owns_ray = False
+        self._call_timeout_s = call_timeout_s
+        self._extra_drafters: dict[str, DrafterHandle] = {}  # joined at run time
         vcfg = cfg.verifier
         slots = vcfg.max_batch_size
         vfactory = verifier_factory or VerifierFactory(cfg)
@@ -116,11 +118,13 @@ class RayRuntime:
                 )
             self.placements = self._wait_ready(start_timeout_s)
             decode = _target_decode(cfg)
-            policies = build_policies(cfg, decode)
+            from specfleet.zoo.domain_centroids import classifier_for
+
+            policies = build_policies(cfg, decode, classifier_for(cfg))
             info = self.verifier.info
             self.scheduler = Scheduler(
                 drafters=list(self.drafters), draft_length=policies.draft_length, router=policies.router,
-                default_drafter=policies.default_drafter, groups=vcfg.count, max_batch_size=slots,
+                width=policies.width, default_drafter=policies.default_drafter, groups=vcfg.count, max_batch_size=slots,
                 eos_token_ids=info.get("eos_token_ids") or (), decode=decode,
                 vocab_size=info.get("vocab_size"), max_seq_len=info.get("max_seq_len") or vcfg.max_seq_len,
             )
@@ -171,6 +175,32 @@ class RayRuntime:
                         p.role, p.name, p.node_id[:12], p.node_ip, p.pid, p.resources)
         return placements
 
+    def start_drafter(self, dcfg: DrafterConfig, timeout_s: float = 300.0) -> DrafterHandle:
+        """Place a drafter actor for a drafter joining at run time and wait until it is
+        up (the caller then hands it to the engine). Raises if it cannot start."""
+        vcfg = self.cfg.verifier
+        factory = DrafterFactory(dcfg, self.cfg.models.target, vcfg.max_batch_size * vcfg.count, vcfg.max_seq_len)
+        handle = DrafterHandle(dcfg.name, lambda: spawn_drafter(factory, dcfg.resources),
+                               call_timeout_s=self._call_timeout_s)
+        try:
+            info = handle.wait_ready(timeout_s)
+        except BaseException:
+            handle.shutdown()
+            raise
+        self.placements.append(Placement("drafter", dcfg.name, info["node_id"], info["node_ip"], info["pid"],
+                                         _res(dcfg.resources)))
+        self._extra_drafters[dcfg.name] = handle
+        logger.info("drafter %r joined on node %s, pid %d", dcfg.name, info["node_id"][:12], info["pid"])
+        return handle
+
+    def stop_drafter(self, handle: DrafterHandle) -> None:
+        """Stop a drafter the engine has let go of."""
+        handle.shutdown()
+        self.drafters.pop(handle.name, None)
+        self._extra_drafters.pop(handle.name, None)
+        self.placements = [p for p in self.placements if not (p.role == "drafter" and p.name == handle.name)]
+        logger.info("drafter %r left", handle.name)
+
     def backend_info(self) -> BackendInfo:
         info = self.verifier.info
         return backend_info(self.cfg, vocab_size=info.get("vocab_size") or 0,
@@ -186,7 +216,8 @@ class RayRuntime:
 
         if getattr(self, "executor", None) is not None:
             self.executor.idle()  # tear the compiled graph down before its actors go
-        for handle in list(getattr(self, "drafters", {}).values()):
+        joined = getattr(self, "_extra_drafters", {})
+        for handle in {**getattr(self, "drafters", {}), **joined}.values():
             handle.shutdown()
         for handle in getattr(self, "verifiers", []):
             handle.shutdown()
@@ -206,7 +237,10 @@ class RayBackend(EngineBackend):
 
     def __init__(self, runtime: RayRuntime):
         self.runtime = runtime
-        super().__init__(runtime.engine, runtime.backend_info())
+        super().__init__(runtime.engine, runtime.backend_info(), start_drafter=runtime.start_drafter)
+
+    def _stop_drafter(self, worker: DrafterHandle) -> None:
+        self.runtime.stop_drafter(worker)
 
     @classmethod
     def from_config(cls, cfg: SpecFleetConfig, address: str | None = None, **kwargs) -> RayBackend:

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = [
     "specfleet.router.cli_generate",
     "specfleet.router.cli_serve",
     "specfleet.router.cli_top",
+    "specfleet.router.cli_drafters",
 ]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -81,8 +81,11 @@ class VerifierConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    policy: Literal["expertise", "fixed"] = _f(
-        "expertise", "expertise: learn per-domain acceptance; fixed: always default_drafter"
+    policy: Literal["expertise", "learned", "random", "fixed"] = _f(
+        "expertise",
+        "expertise: per-domain acceptance, chosen once per request (epsilon-greedy); learned: a UCB "
+        "bandit on accepted tokens per ms of round, load-aware, re-routing mid-flight and letting "
+        "up to max_cooperating drafters cooperate; random: uniform (a baseline); fixed: always default_drafter",
     )
     default_drafter: str | None = _f(None, "drafter used when nothing is known; default: first")
     exploration: float = _f(0.1, "fraction of requests routed to try a non-best drafter", min=0)
@@ -94,6 +97,26 @@ class RouterConfig:
     prior_specialist: float = _f(2.5, "score (tokens/round) of an untried drafter of the request's domain", min=0)
     prior_general: float = _f(2.0, "score of an untried general drafter", min=0)
     prior_other: float = _f(1.5, "score of an untried specialist of another domain", min=0)
+    domain_signal: Literal["cues", "learned"] = _f(
+        "cues", "learned router: how prompts get a domain: cues (text patterns) or learned (nearest "
+        "centroid over hashed n-grams, the cues deciding when unsure)"
+    )
+    domain_centroids: str | None = _f(
+        None, "domain_signal learned: centroids JSON; default: fitted from the zoo's corpus for a zoo target"
+    )
+    max_cooperating: int = _f(
+        1, "learned: most drafters whose proposals are fused into one tree per request (1: no fusion)", min=1
+    )
+    batch_node_budget: int = _f(64, "learned: draft-tree nodes per round for the whole batch, shared", min=1)
+    ucb_c: float = _f(0.3, "learned: UCB exploration weight (a fraction of the best arm's reward)", min=0)
+    load_weight: float = _f(0.5, "learned: score penalty per unit share of running requests a drafter serves", min=0)
+    reroute_margin: float = _f(
+        0.25, "learned: move a request when its reward is this fraction below the best alternative's", min=0
+    )
+    reroute_min_rounds: int = _f(4, "learned: rounds on a drafter before a request may be moved", min=1)
+    cooperate_ratio: float = _f(
+        0.6, "learned: a drafter cooperates if its score is at least this fraction of the primary's", min=0
+    )
 
     def __post_init__(self):
         if self.exploration > 1:
@@ -129,6 +152,9 @@ class ServerConfig:
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", min=1)
     max_message_bytes: int = _f(4 * 1024 * 1024, "gRPC message size limit", min=1024)
     auth_token: str | None = _f(None, "bearer token required from clients; none = no auth")
+    admin_token: str | None = _f(
+        None, "token of the admin API (drafters add/remove, metadata x-specfleet-admin-token); none = admin API off"
+    )
     tls_cert: str | None = _f(None, "PEM certificate chain file; with tls_key the server uses TLS")
     tls_key: str | None = _f(None, "PEM private key file of tls_cert")
     http_port: int | None = _f(

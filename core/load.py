@@ -23,6 +23,8 @@ class LoadSnapshot:
     waiting: int = 0  # requests not yet admitted to any group
     groups: tuple[GroupLoad, ...] = ()
     drafter_requests: dict[str, int] = field(default_factory=dict)  # drafter → requests it serves
+    # Drafters whose last call failed (restarting or lost), until the scheduler retries them.
+    drafters_down: frozenset[str] = frozenset()
 
     @property
     def running(self) -> int:

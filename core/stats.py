@@ -37,6 +37,9 @@ class RequestStats:
     position_drafted: list[int] = field(default_factory=list)  # [k]: rounds with a k-th draft token
     position_accepted: list[int] = field(default_factory=list)  # [k]: rounds accepting it
     drafters: Counter = field(default_factory=Counter)  # drafter name → rounds it served with drafts
+    # drafter → accepted draft tokens it had proposed (per-node provenance: with fused
+    # trees several drafters are credited with the same token).
+    accepted_by: Counter = field(default_factory=Counter)
     verifier_group: int | None = None  # the group whose KV held the request (last one, after moves)
     domain: str | None = None  # the router's classification, when the router chose the drafter
     queue_ns: int = 0  # arrival → admission into a verifier group
@@ -51,14 +54,21 @@ class RequestStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def observe_round(self, drafted: int, accepted: int, emitted: int, drafter: str | None) -> None:
+    def observe_round(self, drafted: int, accepted: int, emitted: int, drafter: str | None,
+                      credit: dict[str, tuple[int, int]] | None = None) -> None:
+        """``drafter``: who earned the round; ``credit``: drafter → (drafted, accepted)
+        for every drafter whose nodes were verified (default: ``drafter`` alone)."""
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
         self.emitted += emitted
         _count_positions(self.position_drafted, self.position_accepted, drafted, accepted)
-        if drafter and drafted:
-            self.drafters[drafter] += 1
+        if credit is None:
+            credit = {drafter: (drafted, accepted)} if drafter else {}
+        for name, (own_drafted, own_accepted) in credit.items():
+            if own_drafted:
+                self.drafters[name] += 1
+                self.accepted_by[name] += own_accepted
 
 
 @dataclass

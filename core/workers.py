@@ -180,6 +180,14 @@ class Executor(Protocol):
 
     def housekeeping(self, work: Housekeeping) -> None: ...
 
+    def add_drafter(self, name: str, worker) -> None:
+        """A drafter joins between rounds (its worker is ready)."""
+        ...
+
+    def remove_drafter(self, name: str):
+        """A drafter leaves between rounds; returns its worker for the caller to stop."""
+        ...
+
     def idle(self) -> None:
         """Nothing to run for a while: release what is held between rounds."""
         ...

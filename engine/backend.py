@@ -19,6 +19,8 @@ The frontend's Prometheus export (``router/metrics.py``) reads these, never the 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -75,11 +77,13 @@ class EngineBackend:
     asyncio queue via ``loop.call_soon_threadsafe``.
     """
 
-    def __init__(self, engine, info: BackendInfo):
+    def __init__(self, engine, info: BackendInfo, *, start_drafter: Callable | None = None):
         """Requests without a drafter preference are routed by the engine (its router,
-        or its default drafter)."""
+        or its default drafter). ``start_drafter(DrafterConfig) -> worker`` builds a
+        drafter joining at run time (None: this backend cannot add drafters)."""
         self.engine = engine
         self._info = info
+        self._start_drafter = start_drafter
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = threading.Event()
@@ -100,7 +104,18 @@ class EngineBackend:
 
         engine = build_engine(cfg)
         runner = engine.verifier.runner
-        return cls(engine, backend_info(cfg, vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len))
+        info = backend_info(cfg, vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len)
+
+        def start_drafter(dcfg):
+            from specfleet.engine.builder import build_drafter
+            from specfleet.engine.executor import LocalDraftWorker
+
+            return LocalDraftWorker(build_drafter(dcfg, target=cfg.models.target,
+                                                  max_slots=cfg.verifier.max_batch_size * cfg.verifier.count,
+                                                  max_seq_len=cfg.verifier.max_seq_len,
+                                                  device=cfg.verifier.device))
+
+        return cls(engine, info, start_drafter=start_drafter)
 
     def info(self) -> BackendInfo:
         return self._info
@@ -135,6 +150,46 @@ class EngineBackend:
             if not finished:  # the consumer went away: stop the work, free the caches
                 self._inbox.put(("cancel", request.request_id))
 
+    # ---- the fleet (admin API) ----------------------------------------------------------
+    async def add_drafter(self, dcfg) -> list[DrafterInfo]:
+        """Start a drafter from its config and let the engine route to it. Raises
+        ValueError (bad or duplicate config) or the builder's error (a model that
+        does not load); the running requests are never touched by a failure."""
+        if self._start_drafter is None:
+            raise NotImplementedError("this backend cannot add drafters")
+        if any(d.name == dcfg.name for d in self._info.drafters):
+            raise ValueError(f"drafter {dcfg.name!r} is already deployed")
+        worker = await asyncio.to_thread(self._start_drafter, dcfg)  # loading is slow: off the loop
+        from specfleet.policy.routing import DrafterProfile
+
+        try:
+            await self._on_engine_thread(self.engine.add_drafter, DrafterProfile(dcfg.name, dcfg.domain), worker)
+        except BaseException:
+            await asyncio.to_thread(self._stop_drafter, worker)
+            raise
+        self._info = dataclasses.replace(
+            self._info, drafters=[*self._info.drafters, DrafterInfo(dcfg.name, dcfg.kind, dcfg.domain)])
+        return list(self._info.drafters)
+
+    async def remove_drafter(self, name: str) -> list[DrafterInfo]:
+        """Stop a drafter between rounds; its requests go on. Raises ValueError for an
+        unknown name or the last drafter of a routed fleet."""
+        worker = await self._on_engine_thread(self.engine.remove_drafter, name)
+        await asyncio.to_thread(self._stop_drafter, worker)
+        self._info = dataclasses.replace(self._info, drafters=[d for d in self._info.drafters if d.name != name])
+        return list(self._info.drafters)
+
+    def _stop_drafter(self, worker) -> None:
+        """In-process workers need nothing; the Ray backend stops the actor."""
+
+    async def _on_engine_thread(self, fn, *args):
+        """Run ``fn(*args)`` on the engine thread between rounds and await its result."""
+        if self._closed.is_set():
+            raise RuntimeError("backend is shut down")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, args, done)))
+        return await asyncio.wrap_future(done)
+
     async def close(self) -> None:
         self._closed.set()
         self._inbox.put(("stop", None))
@@ -165,6 +220,12 @@ class EngineBackend:
                 self._emit(GenerationChunk(request.request_id, [], error=error))
         elif command == "cancel":
             self.engine.cancel(payload)
+        elif command == "call":
+            fn, args, done = payload
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # reported to the caller, never kills the engine thread
+                done.set_exception(exc)
 
     def _run(self) -> None:
         while not self._closed.is_set():

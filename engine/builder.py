@@ -102,8 +102,10 @@ def build_engine(cfg: SpecFleetConfig):
         )
         for d in cfg.drafters
     }
-    policies = build_policies(cfg, verifier.decode)
+    from specfleet.zoo.domain_centroids import classifier_for
+
+    policies = build_policies(cfg, verifier.decode, classifier_for(cfg))
     return SpecEngine(
         verifiers, drafters, draft_policy=policies.draft_length, router=policies.router,
-        default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
+        width=policies.width, default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
     )

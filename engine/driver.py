@@ -29,7 +29,7 @@ from specfleet.core.stats import RoundTiming, SpecDecodingStats
 from specfleet.core.types import SamplingParams
 from specfleet.core.workers import Executor, FailureKind, VerifyReply, WorkerFailure
 from specfleet.engine.scheduler import Scheduler
-from specfleet.policy.routing import ExpertiseRouter
+from specfleet.policy.routing import DrafterProfile, Router
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class EngineDriver:
         self.scheduler.token_sink = sink
 
     @property
-    def router(self) -> ExpertiseRouter | None:
+    def router(self) -> Router | None:
         return self.scheduler.router
 
     @property
@@ -66,6 +66,22 @@ class EngineDriver:
     def stats(self) -> SpecDecodingStats:
         """Fleet-wide counters since start: per position, drafter, domain and group."""
         return self.scheduler.stats
+
+    # ---- the fleet -----------------------------------------------------------------------
+    def add_drafter(self, profile: DrafterProfile, worker) -> None:
+        """A drafter joins: its (ready) worker goes to the executor, its name to the
+        scheduler and router, which try it from the next round on."""
+        if profile.name in self.scheduler.drafters:
+            raise ValueError(f"drafter {profile.name!r} is already deployed")
+        self.executor.add_drafter(profile.name, worker)
+        self.scheduler.add_drafter(profile)
+
+    def remove_drafter(self, name: str):
+        """A drafter leaves between rounds; its requests go on without loss (re-routed
+        or plainly decoded). Returns its worker, for the caller to stop."""
+        self.scheduler.remove_drafter(name)
+        self._housekeep()
+        return self.executor.remove_drafter(name)
 
     # ---- requests ------------------------------------------------------------------------
     def submit(

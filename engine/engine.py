@@ -21,7 +21,8 @@ from specfleet.engine.driver import EngineDriver
 from specfleet.engine.executor import InProcessExecutor, LocalDraftWorker, LocalVerifyWorker
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.draft_length import DraftLengthPolicy, FixedDraftLength
-from specfleet.policy.routing import ExpertiseRouter
+from specfleet.policy.routing import Router
+from specfleet.policy.speculation_width import SpeculationWidth
 from specfleet.verifiers.verifier import Verifier
 
 __all__ = ["GenerationOutput", "SpecEngine"]
@@ -36,7 +37,8 @@ class SpecEngine(EngineDriver):
         drafters: Mapping[str, Drafter],
         *,
         draft_policy: DraftLengthPolicy | None = None,
-        router: ExpertiseRouter | None = None,
+        router: Router | None = None,
+        width: SpeculationWidth | None = None,
         default_drafter: str | None = None,
         max_batch_size: int = 8,
         token_sink: Callable[[str, list[int]], None] | None = None,
@@ -54,7 +56,7 @@ class SpecEngine(EngineDriver):
         runner = self.verifier.runner  # None for a no-compute fake: nothing to check prompts against
         scheduler = Scheduler(
             drafters=list(self.drafters), draft_length=draft_policy or FixedDraftLength(4),
-            router=router, default_drafter=default_drafter or next(iter(self.drafters), None),
+            router=router, width=width, default_drafter=default_drafter or next(iter(self.drafters), None),
             groups=len(verifiers), max_batch_size=max_batch_size,
             eos_token_ids=self.verifier.eos_token_ids, decode=self.verifier.decode,
             vocab_size=getattr(runner, "vocab_size", None), max_seq_len=getattr(runner, "max_seq_len", None),

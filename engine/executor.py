@@ -105,6 +105,12 @@ class InProcessExecutor:
         outcome.wall_ns = time.perf_counter_ns() - start
         return outcome
 
+    def add_drafter(self, name: str, worker: DraftWorker) -> None:
+        self.drafters[name] = worker
+
+    def remove_drafter(self, name: str) -> DraftWorker:
+        return self.drafters.pop(name)
+
     def housekeeping(self, work: Housekeeping) -> None:
         """In-process work is cheap: release and learn at once."""
         work.deliver(self.drafters, self.verifiers)

@@ -14,15 +14,21 @@ drafter and the verifier group have been told (their position contract, so a fai
 or replaced worker is resynchronised by re-sending from position 0); the verifier
 group whose KV holds the request (least loaded at admission); statistics.
 
-What it asks ``policy/``: the router (which drafter serves a request: at admission,
-learning from every round), the draft-length policy (the window, every round), each
-with ``now_ns`` and a ``LoadSnapshot``.
+What it asks ``policy/``: the router (``policy/routing.py``: a request's first
+drafter at admission; before every round who cooperates on it — which may move it to
+another drafter — and how much each is trusted; after every round what each drafter
+got accepted and what the round cost), the width policy (how many drafters may
+cooperate and the fused tree's node budget, from load, every round), the draft-length
+policy (the window, every round), each with ``now_ns`` and a ``LoadSnapshot``.
 
 A round of a group: every request of the group is verified once; those with a
-drafter and a window > 0 are drafted for first. Failures are events too: a failed
-draft call means its requests are verified without drafts this round; a failed
-verify call commits nothing and the requests are re-sent from their committed
-tokens to the (possibly replaced) verifier.
+drafter and a window > 0 are drafted for first — by several drafters when the router
+lets them cooperate, their proposals then fused into one tree where they meet
+(``VerifyCall.fusion``). Failures are events too: a failed draft call means its
+requests are verified without that drafter's drafts this round (and the drafter is
+reported down to the router for a moment); a failed verify call commits nothing and
+the requests are re-sent from their committed tokens to the (possibly replaced)
+verifier.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from specfleet.core.types import DraftProposal, DraftRequest, FinishReason, Samp
 from specfleet.core.workers import (
     DraftReply,
     FailureKind,
+    FusionPlan,
     Housekeeping,
     RoundOutcome,
     RoundPlan,
@@ -49,11 +56,15 @@ from specfleet.core.workers import (
     WorkerFailure,
 )
 from specfleet.policy.draft_length import DraftLengthPolicy
-from specfleet.policy.routing import ExpertiseRouter
+from specfleet.policy.routing import DrafterProfile, RoundFeedback, Router
+from specfleet.policy.speculation_width import SpeculationWidth
 
 logger = logging.getLogger(__name__)
 
 NO_DOMAIN = "-"  # stats label of requests whose drafter was not chosen by the router
+# How long a drafter whose call failed (restarting, lost) is reported down to the router;
+# then it is offered traffic again, and a success clears it at once.
+DRAFTER_DOWN_NS = 500_000_000
 
 
 @dataclass
@@ -61,7 +72,7 @@ class _Request:
     request_id: str
     prompt: list[int]
     sampling: SamplingParams
-    drafter: str | None  # who drafts for it; None: plain decoding
+    drafter: str | None  # who drafts for it (the primary, when several cooperate); None: plain decoding
     domain: str  # the router's classification, or NO_DOMAIN
     routed: bool  # the router chose the drafter (and learns from its rounds)
     max_draft_length: int | None  # the client's cap on the window
@@ -80,8 +91,9 @@ class _Request:
 @dataclass
 class _Round:
     group: int
-    drafter_of: dict[str, str]  # request → drafter asked for it this round
+    drafter_of: dict[str, tuple[str, ...]]  # request → drafters asked for it this round, primary first
     draft_calls: dict[str, list[DraftRequest]]
+    draft_ns: dict[str, int] = field(default_factory=dict)  # drafter → its call's compute time
 
 
 class Scheduler:
@@ -90,7 +102,8 @@ class Scheduler:
         *,
         drafters: Sequence[str],
         draft_length: DraftLengthPolicy,
-        router: ExpertiseRouter | None = None,
+        router: Router | None = None,
+        width: SpeculationWidth | None = None,
         default_drafter: str | None = None,
         groups: int = 1,
         max_batch_size: int = 8,
@@ -107,6 +120,7 @@ class Scheduler:
         self.drafters = list(drafters)
         self.draft_length = draft_length
         self.router = router
+        self.width = width or SpeculationWidth(max_width=1)
         self.default_drafter = default_drafter
         self.max_batch_size = max_batch_size
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -125,6 +139,8 @@ class Scheduler:
         self._drafter_releases: dict[str, list[str]] = {}
         self._observed: list[list[int]] = []
         self._round_ids = itertools.count(1)
+        self._down_until: dict[str, int] = {}  # drafter → when it is offered traffic again
+        self._now_ns = 0  # the latest time the scheduler was told (for load snapshots)
         self._next_id = 0
 
     # ---- requests ----------------------------------------------------------------------
@@ -205,16 +221,47 @@ class Scheduler:
         return list(self._by_id[request_id].generated)
 
     def load(self) -> LoadSnapshot:
-        users: dict[str, int] = {}
-        for group in self._groups:
-            for req in group.values():
-                if req.drafter is not None:
-                    users[req.drafter] = users.get(req.drafter, 0) + 1
+        users: dict[str, int] = {}  # queued requests count: a burst is spread at admission
+        for req in itertools.chain(self._waiting, *(g.values() for g in self._groups)):
+            if req.drafter is not None:
+                users[req.drafter] = users.get(req.drafter, 0) + 1
+        down = frozenset(d for d, until in self._down_until.items() if until > self._now_ns)
         return LoadSnapshot(
             waiting=len(self._waiting),
             groups=tuple(GroupLoad(len(g), self.max_batch_size) for g in self._groups),
             drafter_requests=users,
+            drafters_down=down,
         )
+
+    # ---- the fleet --------------------------------------------------------------------------
+    def add_drafter(self, profile: DrafterProfile) -> None:
+        """A drafter joins (its worker is already up): routable from the next round."""
+        if profile.name in self.drafters:
+            raise ValueError(f"drafter {profile.name!r} is already deployed")
+        self.drafters.append(profile.name)
+        if self.router is not None:
+            self.router.add_drafter(profile)
+
+    def remove_drafter(self, name: str) -> None:
+        """A drafter leaves: its requests go on — re-routed, or plainly decoded when it
+        was their only drafter — from their committed tokens; nothing is lost. Its
+        worker holds nothing the scheduler still needs (no releases are owed to it)."""
+        if name not in self.drafters:
+            raise ValueError(f"unknown drafter {name!r}")
+        if self.router is not None:
+            self.router.remove_drafter(name)  # refuses to remove the last one
+        self.drafters.remove(name)
+        self._drafter_releases.pop(name, None)
+        self._down_until.pop(name, None)
+        if self.default_drafter == name:
+            self.default_drafter = self.drafters[0] if self.drafters else None
+        for req in [*self._waiting, *(r for g in self._groups for r in g.values())]:
+            req.drafter_seen.pop(name, None)
+            if req.drafter == name:
+                if req.routed and self.router is not None:
+                    req.drafter = self.router.route(req.tokens, now_ns=self._now_ns, load=self.load())[1]
+                else:
+                    req.drafter = self.default_drafter if req.routed else None
 
     # ---- planning -----------------------------------------------------------------------
     def _admit(self, now_ns: int) -> None:
@@ -230,6 +277,7 @@ class Scheduler:
 
     def next_rounds(self, now_ns: int) -> list[RoundPlan]:
         """Admit what fits, then plan one round for every idle group with requests."""
+        self._now_ns = now_ns
         self._admit(now_ns)
         load = self.load()
         plans = []
@@ -242,6 +290,7 @@ class Scheduler:
         round_id = next(self._round_ids)
         drafts: dict[str, list[DraftRequest]] = {}
         verify, drafter_of = [], {}
+        width = self.width.plan(load, len(requests))
         for rid, req in requests.items():
             window = 0
             if req.drafter is not None:
@@ -250,17 +299,26 @@ class Scheduler:
                 window = min(self.draft_length.window(rid, now_ns=now_ns, load=load), remaining - 1)
                 if req.max_draft_length is not None:
                     window = min(window, req.max_draft_length)
-            proposal = None
+            proposal, fusion = None, None
             if window > 0:
-                seen = req.drafter_seen.get(req.drafter, 0)
-                drafts.setdefault(req.drafter, []).append(
-                    DraftRequest(rid, seen, req.tokens[seen:], window, req.sampling))
-                req.drafter_seen[req.drafter] = len(req.tokens)
-                drafter_of[rid] = req.drafter
+                if req.routed and self.router is not None:
+                    team = self.router.cooperators(rid, req.domain, req.drafter, width=width.width,
+                                                   now_ns=now_ns, load=load)
+                    req.drafter = team[0][0]  # the router may have moved the request
+                else:
+                    team = ((req.drafter, 1.0),)
+                for name, _ in team:
+                    seen = req.drafter_seen.get(name, 0)
+                    drafts.setdefault(name, []).append(
+                        DraftRequest(rid, seen, req.tokens[seen:], window, req.sampling))
+                    req.drafter_seen[name] = len(req.tokens)
+                drafter_of[rid] = tuple(name for name, _ in team)
+                if len(team) > 1:
+                    fusion = FusionPlan(team, width.max_nodes(window, len(team)))
             else:
                 proposal = DraftProposal.empty(rid)
             verify.append(VerifyCall(rid, req.verifier_seen, req.tokens[req.verifier_seen :],
-                                     req.sampling, proposal))
+                                     req.sampling, proposal, fusion))
             req.verifier_seen = len(req.tokens)
         self._rounds[round_id] = _Round(group, drafter_of, drafts)
         self._busy.add(group)
@@ -283,8 +341,12 @@ class Scheduler:
     def on_draft_done(self, round_id: int, drafter: str, reply: DraftReply | WorkerFailure,
                       now_ns: int) -> None:
         rnd = self._rounds[round_id]
+        if drafter not in self.drafters:  # removed while the round ran: nothing to track
+            return
         if isinstance(reply, WorkerFailure):
             self.stats.draft_failures[drafter] += 1
+            if reply.kind != FailureKind.ERROR:  # restarting or replaced: give it a moment
+                self._down_until[drafter] = now_ns + DRAFTER_DOWN_NS
             logger.warning("drafter %r failed a call (%s: %s); its requests are verified without "
                            "drafts this round", drafter, reply.kind.value, reply.message)
             # Resend whole next time: the worker may not have seen the delta (unavailable),
@@ -297,6 +359,8 @@ class Scheduler:
                 if req is not None:
                     req.drafter_seen[drafter] = 0
             return
+        self._down_until.pop(drafter, None)
+        rnd.draft_ns[drafter] = reply.compute_ns
         for rid in reply.unknown:
             req = self._by_id.get(rid)
             if req is not None:
@@ -335,16 +399,23 @@ class Scheduler:
             req.tokens.extend(committed)
             req.generated.extend(committed)
             accepted = min(result.num_accepted, len(committed))
-            drafter = rnd.drafter_of.get(result.request_id)
-            drafted = result.num_drafted if drafter else 0
-            req.stats.observe_round(drafted, accepted, len(committed), drafter)
+            team = rnd.drafter_of.get(result.request_id, ())
+            drafted = result.num_drafted if team else 0
+            # Who earned the round: per-node provenance from the verifier, or (a worker
+            # that does not report it) the one drafter asked.
+            credit = dict(result.credit) or ({team[0]: (result.num_drafted, result.num_accepted)}
+                                             if team else {})
+            credit = {name: (d, min(a, accepted)) for name, (d, a) in credit.items()}
+            drafter = max(team, key=lambda n: (credit.get(n, (0, 0))[1], -team.index(n))) if team else None
+            req.stats.observe_round(drafted, accepted, len(committed), drafter, credit)
             self.stats.observe(drafter=drafter or "", domain=req.domain, group=rnd.group,
                                drafted=drafted, accepted=accepted, emitted=len(committed))
             if req.drafter is not None:
                 self.draft_length.observe(req.request_id, drafted, accepted, now_ns=now_ns)
-            if req.routed and drafter:
-                self.router.observe_round(req.domain, drafter, drafted=drafted, accepted=accepted,
-                                          emitted=len(committed), now_ns=now_ns)
+            if req.routed and team:
+                feedback = RoundFeedback(credit, len(committed),
+                                         {n: rnd.draft_ns.get(n, 0) for n in team}, reply.compute_ns)
+                self.router.observe(req.request_id, req.domain, feedback, now_ns=now_ns)
             if committed:
                 if req.stats.first_token_ns is None:
                     req.stats.first_token_ns = now_ns - req.arrival_ns
@@ -359,11 +430,14 @@ class Scheduler:
         del self._by_id[req.request_id]
         self._verifier_releases.setdefault(req.group, []).append(req.request_id)
         for drafter in req.drafter_seen:
-            self._drafter_releases.setdefault(drafter, []).append(req.request_id)
+            if drafter in self.drafters:
+                self._drafter_releases.setdefault(drafter, []).append(req.request_id)
         if reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             self._observed.append(list(req.tokens))
         if req.drafter is not None:
             self.draft_length.forget(req.request_id)
+        if req.routed and self.router is not None:
+            self.router.forget(req.request_id)
         self._finished.append(
             GenerationOutput(req.request_id, req.prompt, list(req.generated), reason, req.stats,
                              req.sampling.seed, error))

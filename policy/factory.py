@@ -12,15 +12,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from specfleet.core.config import SpecFleetConfig
+from specfleet.policy.domains import classify_domain
 from specfleet.policy.draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
-from specfleet.policy.routing import DrafterProfile, ExpertiseRouter, RouterPriors
+from specfleet.policy.learned_routing import LearnedRouter
+from specfleet.policy.routing import (
+    DrafterProfile,
+    ExpertiseRouter,
+    RandomRouter,
+    Router,
+    RouterPriors,
+)
+from specfleet.policy.speculation_width import SpeculationWidth
 
 
 @dataclass
 class Policies:
-    router: ExpertiseRouter | None  # None: router.policy is ``fixed``
+    router: Router | None  # None: router.policy is ``fixed``
     default_drafter: str  # serves requests without a preference when there is no router
     draft_length: DraftLengthPolicy
+    width: SpeculationWidth  # cooperating drafters and tree nodes per round, from load
 
 
 def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
@@ -37,19 +47,31 @@ def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
     )
 
 
-def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> ExpertiseRouter | None:
-    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter)."""
+def build_router(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None,
+                 classify: Callable[[str], str] | None = None) -> Router | None:
+    """The router ``cfg.router`` describes; None for policy ``fixed`` (default drafter).
+    ``classify`` (text → domain) replaces the textual cues of the learned router."""
     rc = cfg.router
-    if rc.policy != "expertise":
-        return None
-    return ExpertiseRouter(
-        [DrafterProfile(d.name, d.domain) for d in cfg.drafters],
-        exploration=rc.exploration,
-        decode=decode,
-        seed=rc.seed,
-        smoothing=rc.smoothing,
-        priors=RouterPriors(rc.prior_specialist, rc.prior_general, rc.prior_other),
-    )
+    profiles = [DrafterProfile(d.name, d.domain) for d in cfg.drafters]
+    priors = RouterPriors(rc.prior_specialist, rc.prior_general, rc.prior_other)
+    if rc.policy == "learned":
+        return LearnedRouter(
+            profiles, decode=decode, classify=classify or classify_domain, ucb_c=rc.ucb_c, smoothing=rc.smoothing, load_weight=rc.load_weight,
+            reroute_margin=rc.reroute_margin, min_rounds=rc.reroute_min_rounds,
+            cooperate_ratio=rc.cooperate_ratio, priors=priors,
+        )
+    if rc.policy in ("expertise", "random"):
+        cls = ExpertiseRouter if rc.policy == "expertise" else RandomRouter
+        return cls(profiles, exploration=rc.exploration, decode=decode, seed=rc.seed,
+                   smoothing=rc.smoothing, priors=priors)
+    return None
+
+
+def build_width(cfg: SpecFleetConfig) -> SpeculationWidth:
+    """Cooperation only under the learned router (the others route one drafter per request)."""
+    rc = cfg.router
+    return SpeculationWidth(max_width=rc.max_cooperating if rc.policy == "learned" else 1,
+                            batch_node_budget=rc.batch_node_budget)
 
 
 def default_drafter(cfg: SpecFleetConfig) -> str:
@@ -57,9 +79,11 @@ def default_drafter(cfg: SpecFleetConfig) -> str:
     return cfg.router.default_drafter or cfg.drafters[0].name
 
 
-def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None) -> Policies:
+def build_policies(cfg: SpecFleetConfig, decode: Callable[[list[int]], str] | None,
+                   classify: Callable[[str], str] | None = None) -> Policies:
     return Policies(
-        router=build_router(cfg, decode),
+        router=build_router(cfg, decode, classify),
         default_drafter=default_drafter(cfg),
         draft_length=build_draft_length(cfg),
+        width=build_width(cfg),
     )

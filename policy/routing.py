@@ -1,10 +1,17 @@
-"""Expertise routing: send each request to the drafter accepted most for its kind.
+"""Routing: which drafters propose for a request — the contract, and the first routers.
 
-Where it sits: when a request arrives without a drafter preference, the engine asks
-``ExpertiseRouter.route`` at admission which drafter should serve it, and after every
-verification round reports what that drafter achieved with ``observe_round``.
-Routing only chooses *who proposes*; it can never change the output.
+Where it sits: the scheduler asks a ``Router`` at admission (``route``: the request's
+domain and first drafter), before every round (``cooperators``: who drafts this round,
+with how much trust, possibly re-routing the request) and after every verification
+round (``observe``: what each drafter got accepted, and what the round cost). Routing
+only chooses *who proposes*; it can never change the output.
 
+Routers here: ``ExpertiseRouter`` (the first one; routes once at admission, one
+drafter per request — kept as a benchmark arm, "today's expertise router"),
+``RandomRouter`` (a benchmark arm). The learned, cost- and load-aware bandit with
+cooperation is ``policy/learned_routing.py``.
+
+ExpertiseRouter's policy:
 Policy (CoSine-style specialisation, kept simple and explainable):
 1. ``domains.classify_domain`` puts the prompt into ``code``, ``data`` or ``prose``.
 2. Per (domain, drafter) the router keeps a running mean of *tokens committed per
@@ -21,13 +28,57 @@ never correctness, and the observed acceptance corrects the table over time.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from specfleet.core.load import LoadSnapshot
 from specfleet.policy.domains import DOMAINS, classify_domain
 
-__all__ = ["DOMAINS", "DrafterProfile", "ExpertiseRouter", "RouterPriors", "classify_domain"]
+__all__ = ["DOMAINS", "Cooperators", "DrafterProfile", "ExpertiseRouter", "RandomRouter",
+           "RoundFeedback", "Router", "RouterPriors", "classify_domain"]
+
+# (drafter, reliability in (0, 1]) per cooperating drafter, the primary first.
+Cooperators = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class RoundFeedback:
+    """What one verification round of one request tells the router."""
+
+    # drafter → (tokens it drafted on its deepest path, how many were accepted), per
+    # drafter whose nodes were verified (several when proposals were fused).
+    credit: Mapping[str, tuple[int, int]]
+    emitted: int  # tokens committed this round (accepted + bonus, after the stop rule)
+    draft_ns: Mapping[str, int] = field(default_factory=dict)  # drafter → its call's compute time
+    verify_ns: int = 0  # the verify call's compute time (the whole batch's forward)
+
+
+class Router(Protocol):
+    """What the scheduler asks of a router (every method is told the time and load)."""
+
+    drafters: list[DrafterProfile]
+
+    def route(self, prompt_token_ids: Sequence[int], *, now_ns: int = 0,
+              load: LoadSnapshot | None = None) -> tuple[str, str]:
+        """(domain, first drafter) of a new request."""
+        ...
+
+    def cooperators(self, request_id: str, domain: str, current: str, *, width: int = 1,
+                    now_ns: int = 0, load: LoadSnapshot | None = None) -> Cooperators:
+        """Who drafts for the request this round (at most ``width``), primary first;
+        a primary other than ``current`` re-routes the request."""
+        ...
+
+    def observe(self, request_id: str, domain: str, feedback: RoundFeedback, *, now_ns: int = 0) -> None: ...
+
+    def forget(self, request_id: str) -> None: ...
+
+    def add_drafter(self, profile: DrafterProfile) -> None: ...
+
+    def remove_drafter(self, name: str) -> None: ...
+
+    def table(self) -> dict[str, dict[str, float]]: ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +96,9 @@ class RouterPriors:
     other: float = 1.5  # a specialist of another domain
 
 
+DEFAULT_PRIORS = RouterPriors()
+
+
 class ExpertiseRouter:
     def __init__(
         self,
@@ -54,7 +108,7 @@ class ExpertiseRouter:
         decode: Callable[[list[int]], str] | None = None,
         seed: int = 0,
         smoothing: float = 0.1,
-        priors: RouterPriors = RouterPriors(),
+        priors: RouterPriors = DEFAULT_PRIORS,
     ):
         if not drafters:
             raise ValueError("the router needs at least one drafter")
@@ -118,3 +172,33 @@ class ExpertiseRouter:
     def table(self) -> dict[str, dict[str, float]]:
         """domain → drafter → current score (observed or prior), for logs and ``Info``."""
         return {dom: {d.name: self.score(dom, d.name) for d in self.drafters} for dom in DOMAINS}
+
+    # ---- the Router contract: one drafter per request, chosen once at admission ----------
+    def cooperators(self, request_id: str, domain: str, current: str, *, width: int = 1,
+                    now_ns: int = 0, load: LoadSnapshot | None = None) -> Cooperators:
+        return ((current, 1.0),)
+
+    def observe(self, request_id: str, domain: str, feedback: RoundFeedback, *, now_ns: int = 0) -> None:
+        for drafter, (drafted, accepted) in feedback.credit.items():
+            self.observe_round(domain, drafter, drafted=drafted, accepted=accepted,
+                               emitted=min(feedback.emitted, accepted + 1), now_ns=now_ns)
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+    def add_drafter(self, profile: DrafterProfile) -> None:
+        self.drafters = [d for d in self.drafters if d.name != profile.name] + [profile]
+
+    def remove_drafter(self, name: str) -> None:
+        if len(self.drafters) == 1 and self.drafters[0].name == name:
+            raise ValueError("cannot remove the router's last drafter")
+        self.drafters = [d for d in self.drafters if d.name != name]
+
+
+class RandomRouter(ExpertiseRouter):
+    """Every request to a drafter drawn uniformly at admission (seeded): a benchmark
+    arm that shows what learning is worth. Classifies domains like its parent, for stats."""
+
+    def route(self, prompt_token_ids: Sequence[int], *, now_ns: int = 0,
+              load: LoadSnapshot | None = None) -> tuple[str, str]:
+        return self.domain_of(prompt_token_ids), self._rng.choice(self.drafters).name

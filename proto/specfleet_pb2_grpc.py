@@ -188,3 +188,175 @@ class SpecFleet:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SpecFleetAdminStub:
+    """Operating a running fleet: drafters join and leave without a restart. Every call
+    needs the admin token (server.admin_token) in the `x-specfleet-admin-token`
+    metadata; without one configured the service answers PERMISSION_DENIED.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListDrafters = channel.unary_unary(
+                '/specfleet.v1.SpecFleetAdmin/ListDrafters',
+                request_serializer=specfleet_dot_proto_dot_specfleet__pb2.ListDraftersRequest.SerializeToString,
+                response_deserializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+                _registered_method=True)
+        self.AddDrafter = channel.unary_unary(
+                '/specfleet.v1.SpecFleetAdmin/AddDrafter',
+                request_serializer=specfleet_dot_proto_dot_specfleet__pb2.AddDrafterRequest.SerializeToString,
+                response_deserializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+                _registered_method=True)
+        self.RemoveDrafter = channel.unary_unary(
+                '/specfleet.v1.SpecFleetAdmin/RemoveDrafter',
+                request_serializer=specfleet_dot_proto_dot_specfleet__pb2.RemoveDrafterRequest.SerializeToString,
+                response_deserializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+                _registered_method=True)
+
+
+class SpecFleetAdminServicer:
+    """Operating a running fleet: drafters join and leave without a restart. Every call
+    needs the admin token (server.admin_token) in the `x-specfleet-admin-token`
+    metadata; without one configured the service answers PERMISSION_DENIED.
+    """
+
+    def ListDrafters(self, request, context):
+        """The drafters deployed now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddDrafter(self, request, context):
+        """Start a drafter from a config snippet (one `drafters:` entry, YAML or JSON);
+        it is routable once its worker is up. ALREADY_EXISTS for a deployed name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveDrafter(self, request, context):
+        """Stop a drafter; requests it was serving go on (re-routed or plainly decoded)
+        and lose nothing. NOT_FOUND for an unknown name; the last drafter stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SpecFleetAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListDrafters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDrafters,
+                    request_deserializer=specfleet_dot_proto_dot_specfleet__pb2.ListDraftersRequest.FromString,
+                    response_serializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.SerializeToString,
+            ),
+            'AddDrafter': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDrafter,
+                    request_deserializer=specfleet_dot_proto_dot_specfleet__pb2.AddDrafterRequest.FromString,
+                    response_serializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.SerializeToString,
+            ),
+            'RemoveDrafter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDrafter,
+                    request_deserializer=specfleet_dot_proto_dot_specfleet__pb2.RemoveDrafterRequest.FromString,
+                    response_serializer=specfleet_dot_proto_dot_specfleet__pb2.DrafterList.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specfleet.v1.SpecFleetAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specfleet.v1.SpecFleetAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SpecFleetAdmin:
+    """Operating a running fleet: drafters join and leave without a restart. Every call
+    needs the admin token (server.admin_token) in the `x-specfleet-admin-token`
+    metadata; without one configured the service answers PERMISSION_DENIED.
+    """
+
+    @staticmethod
+    def ListDrafters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specfleet.v1.SpecFleetAdmin/ListDrafters',
+            specfleet_dot_proto_dot_specfleet__pb2.ListDraftersRequest.SerializeToString,
+            specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDrafter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specfleet.v1.SpecFleetAdmin/AddDrafter',
+            specfleet_dot_proto_dot_specfleet__pb2.AddDrafterRequest.SerializeToString,
+            specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDrafter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specfleet.v1.SpecFleetAdmin/RemoveDrafter',
+            specfleet_dot_proto_dot_specfleet__pb2.RemoveDrafterRequest.SerializeToString,
+            specfleet_dot_proto_dot_specfleet__pb2.DrafterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -12,10 +12,11 @@ through ``ServerThread``. Per request, a call passes the interceptors in order:
    status code (``RequestError`` → its code, anything else → INTERNAL) and logs it,
    once (TGI style). A failing request never takes the server down or hangs.
 
-Then ``SpecFleetServicer`` (``servicer.py``) does the work. With ``server.http_port``
-set, the same servicer also serves the OpenAI-compatible HTTP API (``http_api.py``)
-on the same event loop, and with ``server.metrics_port`` the frontend exports
-Prometheus metrics of both (``metrics.py``).
+Then ``SpecFleetServicer`` (``servicer.py``) does the work; the admin service
+(``admin.py``: drafters joining and leaving) checks its own token first. With
+``server.http_port`` set, the same servicer also serves the OpenAI-compatible HTTP
+API (``http_api.py``) on the same event loop, and with ``server.metrics_port`` the
+frontend exports Prometheus metrics of both (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 from specfleet.core.config import ServerConfig, SpecFleetConfig
 from specfleet.core.serving import GenerationBackend
 from specfleet.proto import specfleet_pb2_grpc as pb_grpc
+from specfleet.router.admin import ADMIN_SERVICE_NAME, AdminServicer
 from specfleet.router.servicer import SERVICE_NAME, RequestError, SpecFleetServicer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+        if handler is None or not details.method.startswith((f"/{SERVICE_NAME}/", f"/{ADMIN_SERVICE_NAME}/")):
             return handler
         method = details.method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
@@ -254,9 +256,11 @@ class SpecFleetServer:
         interceptors.append(ExceptionInterceptor())
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         pb_grpc.add_SpecFleetServicer_to_server(self.servicer, self._server)
+        self.admin = AdminServicer(backend, config.admin_token)
+        pb_grpc.add_SpecFleetAdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
 
     @property

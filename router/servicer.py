@@ -142,10 +142,17 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         self.tokenizer = tokenizer
         self.config = config
         self.observer = observer
-        self._info = backend.info()
-        self._drafters = [d.name for d in self._info.drafters]
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_limit)
         self._in_flight: set[str] = set()
+
+    @property
+    def _info(self):
+        """Read per call: drafters join and leave at run time (the admin API)."""
+        return self.backend.info()
+
+    @property
+    def _drafters(self) -> list[str]:
+        return [d.name for d in self.backend.info().drafters]
 
     # ---- RPCs ------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:

@@ -20,7 +20,7 @@ from specfleet.core.config import Domain, RouterConfig, SchedulerConfig
 from specfleet.core.config import config_field as _f
 from specfleet.core.typed_yaml import load_yaml_file
 from specfleet.engine.scheduler import Scheduler
-from specfleet.policy.factory import build_draft_length, build_router
+from specfleet.policy.factory import build_draft_length, build_router, build_width
 from specfleet.sim.acceptance import AcceptanceCurves, AcceptanceModel
 from specfleet.sim.executor import NetworkModel, SimExecutor
 from specfleet.sim.simulator import Simulator, decode_synthetic
@@ -202,7 +202,7 @@ def build_simulation(cfg: SimDeploymentConfig, base: Path = Path("."), *,
     router = build_router(policy_cfg, decode or decode_synthetic) if names else None
     scheduler = Scheduler(
         drafters=[n for n, _ in names], draft_length=build_draft_length(policy_cfg), router=router,
-        default_drafter=cfg.router.default_drafter or (names[0][0] if names else None),
+        width=build_width(policy_cfg), default_drafter=cfg.router.default_drafter or (names[0][0] if names else None),
         groups=cfg.verifier.groups, max_batch_size=effective_batch(cfg, step_time),
         max_seq_len=cfg.verifier.max_seq_len)
     net = cfg.network

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from specfleet.core.clock import ManualClock
 from specfleet.core.stopping import StopChecker
-from specfleet.core.types import DraftProposal, DraftRequest, SamplingParams, VerifyResult
+from specfleet.core.types import ROOT, DraftProposal, DraftRequest, SamplingParams, VerifyResult
 from specfleet.core.workers import (
     DraftReply,
     FailureKind,
@@ -32,6 +32,7 @@ from specfleet.core.workers import (
     WorkerFailure,
     completed,
 )
+from specfleet.policy.fusion import credit, fuse
 
 NextToken = Callable[[Sequence[int]], int]
 
@@ -69,6 +70,7 @@ class ScriptedDrafter:
     name: str
     next_token: NextToken
     wrong_at: Callable[[str, int], bool] = lambda request_id, k: False
+    ns_per_token: int = 0  # the compute time its replies report, per drafted token
     calls: list[list[DraftRequest]] = field(default_factory=list)  # every call, in order
     state: dict[str, list[int]] = field(default_factory=dict)  # per request: committed, as told
     released: list[str] = field(default_factory=list)
@@ -95,7 +97,8 @@ class ScriptedDrafter:
                 guess.append(token)
             proposals.append(DraftProposal(call.request_id, tokens, DraftProposal.chain_parents(len(tokens)),
                                            [1.0] * len(tokens), None, self.name))
-        return completed(DraftReply(proposals, 0, tuple(unknown)))
+        compute_ns = self.ns_per_token * sum(len(p) for p in proposals)
+        return completed(DraftReply(proposals, compute_ns, tuple(unknown)))
 
     def release(self, request_ids: Sequence[str]) -> None:
         for request_id in request_ids:
@@ -112,7 +115,9 @@ class ScriptedDrafter:
 
 @dataclass
 class ScriptedVerifier:
-    """A ``VerifyWorker`` over the toy target: greedy accept of chains."""
+    """A ``VerifyWorker`` over the toy target: greedy accept along a chain or a tree.
+    Several drafters' proposals for a request are fused as the real verifier does
+    (``policy/fusion.py``) when the call carries a fusion plan, and credited per drafter."""
 
     next_token: NextToken
     calls: list[list[VerifyCall]] = field(default_factory=list)
@@ -121,7 +126,10 @@ class ScriptedVerifier:
 
     def verify(self, calls: Sequence[VerifyCall], drafts: Sequence[DraftReply] = ()) -> Future[VerifyReply]:
         self.calls.append(list(calls))
-        drafted = {p.request_id: p for reply in drafts for p in reply.proposals}
+        drafted: dict[str, list[DraftProposal]] = {}
+        for reply in drafts:
+            for p in reply.proposals:
+                drafted.setdefault(p.request_id, []).append(p)
         results, unknown = [], []
         for call in calls:
             seq = self.state.get(call.request_id)
@@ -132,17 +140,21 @@ class ScriptedVerifier:
             seq = self.state.setdefault(call.request_id, [])
             del seq[call.position :]
             seq.extend(call.new_tokens)
-            proposal = call.proposal or drafted.get(call.request_id) or DraftProposal.empty(call.request_id)
-            emitted, guess = [], list(seq)
-            for token in proposal.tokens:
-                if token != self.next_token(guess):
+            proposal = call.proposal or _one_tree(call, drafted.get(call.request_id, []))
+            emitted, guess, path, node = [], list(seq), [], ROOT
+            while True:  # walk down the child that matches the target's token
+                want = self.next_token(guess)
+                child = next((i for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents))
+                              if p == node and t == want), None)
+                emitted.append(want)
+                guess.append(want)
+                if child is None:
                     break
-                emitted.append(token)
-                guess.append(token)
-            accepted = len(emitted)
-            emitted.append(self.next_token(guess))
-            results.append(VerifyResult(call.request_id, emitted, accepted, len(proposal),
-                                        list(range(accepted))))
+                path.append(child)
+                node = child
+            depth = _depth(proposal.parents)
+            results.append(VerifyResult(call.request_id, emitted, len(path), max(depth, default=0), path,
+                                        credit=credit(proposal, path) if len(proposal) else {}))
         return completed(VerifyReply(results, 0, tuple(unknown)))
 
     def release(self, request_ids: Sequence[str]) -> None:
@@ -152,6 +164,22 @@ class ScriptedVerifier:
 
     def lose_state(self) -> None:
         self.state.clear()
+
+
+def _one_tree(call: VerifyCall, proposals: list[DraftProposal]) -> DraftProposal:
+    proposals = [p for p in proposals if len(p)]
+    if not proposals:
+        return DraftProposal.empty(call.request_id)
+    if call.fusion is None or len(proposals) == 1:
+        return proposals[0]
+    return fuse(call.request_id, proposals, call.fusion)
+
+
+def _depth(parents: Sequence[int]) -> list[int]:
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent == ROOT else depth[parent] + 1)
+    return depth
 
 
 class ScriptedExecutor:
@@ -207,6 +235,12 @@ class ScriptedExecutor:
         if self.clock is not None:  # groups run side by side: the step takes the slowest
             self.clock.advance(max((o.wall_ns for o in outcomes), default=0))
         return outcomes
+
+    def add_drafter(self, name: str, worker: ScriptedDrafter) -> None:
+        self.drafters[name] = worker
+
+    def remove_drafter(self, name: str) -> ScriptedDrafter:
+        return self.drafters.pop(name)
 
     def housekeeping(self, work: Housekeeping) -> None:
         work.deliver(self.drafters, self.verifiers)

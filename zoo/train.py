@@ -10,9 +10,10 @@ position). Drafters are judged by how often their argmax equals the target's alo
 the target's greedy path, so imitating that path directly is the cheapest way to
 raise acceptance; the real-text share keeps them general within their domain.
 
-Training runs under bf16 autocast (about twice as fast as fp32 on this kind of CPU)
-with fp32 master weights; everything after training (generation, evaluation, the
-saved checkpoints) is fp32.
+Training runs under bf16 autocast where the CPU has native bf16 (about twice as fast
+as fp32 there; ``presets.train_precision``, part of the zoo's cache key), in fp32
+elsewhere, with fp32 master weights; everything after training (generation,
+evaluation, the saved checkpoints) is fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specfleet.zoo.presets import Arch, Training
+from specfleet.zoo.presets import Arch, Training, train_precision
 
 
 @dataclass
@@ -137,7 +138,9 @@ def _lr(step: int, spec: Training) -> float:
 
 def train(model: LlamaForCausalLM, sampler: BatchSampler, spec: Training, *,
           desc: str, progress: bool) -> TrainStats:
-    """AdamW, warm-up then cosine, gradient clipping, bf16 autocast; ``model`` ends in eval mode."""
+    """AdamW, warm-up then cosine, gradient clipping, bf16 autocast where native; ``model``
+    ends in eval mode."""
+    bf16 = train_precision() == "bf16"
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -153,7 +156,7 @@ def train(model: LlamaForCausalLM, sampler: BatchSampler, spec: Training, *,
         for group in opt.param_groups:
             group["lr"] = _lr(step, spec)
         inputs, labels = sampler.sample(spec.batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=inputs).logits  # [B, T, V]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         opt.zero_grad(set_to_none=True)
