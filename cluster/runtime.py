@@ -252,6 +252,12 @@ class RayBackend(EngineBackend):
             runtime.shutdown()
             raise
 
+    def worker_restarts(self) -> tuple[dict[str, int], dict[int, int]]:
+        """Actor restarts by the supervisors: plain ints, safe to read from any thread."""
+        runtime = self.runtime
+        return ({name: h.restarts for name, h in runtime.drafters.items()},
+                {g: h.restarts for g, h in enumerate(runtime.verifiers)})
+
     async def close(self) -> None:
         """Stop the engine thread (after the caller drained requests) and free every actor."""
         await super().close()
