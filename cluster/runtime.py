@@ -28,6 +28,7 @@ from specfleet.cluster.actors import (
 )
 from specfleet.cluster.executor import RayExecutor
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
+from specfleet.cluster.supervisor import RestartBudget
 from specfleet.core.config import ClusterConfig, SpecFleetConfig
 from specfleet.core.serving import BackendInfo
 from specfleet.engine.backend import EngineBackend, backend_info
@@ -105,6 +106,7 @@ class RayRuntime:
                 self.verifiers.append(VerifierHandle(
                     lambda pg=self.groups[g]: spawn_verifier(vfactory, vcfg.resources, pg), group=g,
                     call_timeout_s=call_timeout_s * 2, start_timeout_s=start_timeout_s,
+                    budget=RestartBudget.from_config(cfg.cluster),
                 ))
             for dcfg in cfg.drafters:
                 factory = (drafter_factories or {}).get(dcfg.name) or DrafterFactory(
@@ -112,7 +114,7 @@ class RayRuntime:
                 )
                 self.drafters[dcfg.name] = DrafterHandle(
                     dcfg.name, lambda f=factory, r=dcfg.resources: spawn_drafter(f, r),
-                    call_timeout_s=call_timeout_s,
+                    call_timeout_s=call_timeout_s, budget=RestartBudget.from_config(cfg.cluster),
                 )
             self.placements = self._wait_ready(start_timeout_s)
             decode = _target_decode(cfg)
