@@ -202,6 +202,18 @@ class ClusterConfig:
         1, "compile only while at most this many drafters are in use: every actor in the "
         "graph polls, so it pays only when each has a core to itself", min=1,
     )
+    restart_max_failures: int = _f(
+        5, "an actor (drafter or verifier group) that fails this many times within "
+        "restart_window_s, or this many times in a row, is given up until its oldest failure "
+        "leaves the window: a verifier group's requests then end UNAVAILABLE, a drafter's go "
+        "on without its drafts", min=1,
+    )
+    restart_window_s: float = _f(60.0, "the window of restart_max_failures, in seconds", min=0)
+    restart_backoff_s: float = _f(
+        0.5, "wait before restarting an actor that failed twice or more in a row; doubles "
+        "with each further failure", min=0,
+    )
+    restart_backoff_max_s: float = _f(5.0, "the longest wait between restarts", min=0)
 
 
 @dataclass(frozen=True)

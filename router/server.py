@@ -90,11 +90,22 @@ class _Malformed:
     error: str
 
 
-def _lenient(deserializer: Callable | None) -> Callable | None:
+@dataclass(frozen=True)
+class _Oversized:
+    """A body larger than any request that can be served: refused without parsing it
+    (parsing runs on the event loop and holds the GIL)."""
+
+    size: int
+    limit: int
+
+
+def _lenient(deserializer: Callable | None, max_bytes: int | None = None) -> Callable | None:
     if deserializer is None:
         return None
 
     def parse(body: bytes):
+        if max_bytes is not None and len(body) > max_bytes:
+            return _Oversized(len(body), max_bytes)
         try:
             return deserializer(body)
         except Exception as exc:  # protobuf's DecodeError, or anything a bad body raises
@@ -146,7 +157,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ExceptionInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by SpecFleet's handlers to status codes; logs each once."""
+    """Maps exceptions raised by SpecFleet's handlers to status codes; logs each once.
+    Bodies over ``max_request_bytes`` are refused unparsed (INVALID_ARGUMENT)."""
+
+    def __init__(self, max_request_bytes: int | None = None):
+        self._max_bytes = max_request_bytes
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -163,7 +178,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, unary, deserializer=_lenient(handler.request_deserializer))
+            return _same_kind(handler, unary, deserializer=_lenient(handler.request_deserializer, self._max_bytes))
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
@@ -176,11 +191,15 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, stream, deserializer=_lenient(handler.request_deserializer))
+            return _same_kind(handler, stream, deserializer=_lenient(handler.request_deserializer, self._max_bytes))
         return handler
 
 
 def _check_parsed(request) -> None:
+    if isinstance(request, _Oversized):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request: {request.size} bytes, more than any request that fits the "
+                           f"context can have (at most {request.limit} bytes)")
     if isinstance(request, _Malformed):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"request: the body is not a valid message of this method ({request.error})")
@@ -253,7 +272,7 @@ class SpecFleetServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             interceptors.append(BearerAuthInterceptor(config.auth_token))
-        interceptors.append(ExceptionInterceptor())
+        interceptors.append(ExceptionInterceptor(self.servicer.max_request_bytes))
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         pb_grpc.add_SpecFleetServicer_to_server(self.servicer, self._server)
         self.admin = AdminServicer(backend, config.admin_token)

@@ -53,6 +53,21 @@ INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a worker thread
 MAX_STOP_SEQUENCES = 16  # stop strings per request (each is matched every round)
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_NAME_CHARS = 128  # drafter names, and how much of a bad value an error echoes
+PARSE_ALWAYS_BYTES = 256 * 1024  # bodies up to this size are always parsed (~6 ms at most)
+
+
+def longest_token_chars(tokenizer) -> int | None:
+    """Characters of the longest vocabulary entry: no token covers more text than that
+    (byte-level BPE, SentencePiece and WordPiece entries are at least as long as their
+    text), so a text over ``context * this`` characters cannot fit and is refused
+    before tokenizing. None when the tokenizer lists no vocabulary (no such bound)."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return None
+    try:
+        return max((len(t) for t in vocab()), default=None)
+    except Exception:  # a tokenizer whose vocabulary cannot be listed: no bound
+        return None
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -144,6 +159,12 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         self.observer = observer
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_limit)
         self._in_flight: set[str] = set()
+        # Work per request on the event loop must stay small whatever a client sends
+        # (health checks and every other stream share the loop): prompts that cannot
+        # fit are refused from their size alone, before anything proportional to it.
+        token_chars = longest_token_chars(tokenizer)
+        self._max_text_chars = None if token_chars is None else self._info.max_seq_len * token_chars
+        self.max_request_bytes = _max_request_bytes(self._info.max_seq_len, self._max_text_chars)
 
     @property
     def _info(self):
@@ -328,14 +349,8 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
     async def prepare(self, request: pb.GenerateRequest, *, api: str = "grpc") -> Prepared:
         """Validate and tokenize; raises ``RequestError`` naming the offending field."""
         received_ns = time.perf_counter_ns()
-        info = self._info
         sampling = self._sampling(request.sampling)
-        prompt = await self._prompt(request)
-        if len(prompt) + sampling.max_new_tokens > info.max_seq_len:
-            raise invalid(
-                f"prompt: {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} "
-                f"exceed the context of {info.max_seq_len} tokens"
-            )
+        prompt = await self._prompt(request, sampling.max_new_tokens)
         spec = request.speculation
         drafter = spec.drafter or None
         if drafter is not None and drafter not in self._drafters:
@@ -357,23 +372,36 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
             api,
         )
 
-    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prompt(self, request: pb.GenerateRequest, max_new_tokens: int) -> list[int]:
+        context = self._info.max_seq_len
+
+        def check_fits(n_tokens: int) -> None:
+            if n_tokens + max_new_tokens > context:
+                raise invalid(f"prompt: {n_tokens} tokens + max_new_tokens {max_new_tokens} "
+                              f"exceed the context of {context} tokens")
+
         kind = request.WhichOneof("prompt")
         if kind == "text":
             text = request.text
             if not text:
                 raise invalid("prompt.text: must not be empty")
+            if self._max_text_chars is not None and len(text) > self._max_text_chars:
+                raise invalid(f"prompt.text: {len(text)} characters cannot fit the context of "
+                              f"{context} tokens (at most {self._max_text_chars} characters)")
             if len(text) > INLINE_TOKENIZE_CHARS:  # keep the event loop (other streams) moving
                 ids = list(await asyncio.to_thread(self.tokenizer.encode, text))
             else:
                 ids = list(self.tokenizer.encode(text))
             if not ids:
                 raise invalid("prompt.text: tokenizes to no tokens")
+            check_fits(len(ids))
             return ids
         if kind == "token_ids":
-            ids = list(request.token_ids.ids)
-            if not ids:
+            field = request.token_ids.ids
+            if not field:
                 raise invalid("prompt.token_ids: must not be empty")
+            check_fits(len(field))  # before copying or scanning: bounded by the context below
+            ids = list(field)
             vocab = self._info.vocab_size
             for pos, token in enumerate(ids):
                 if not 0 <= token < vocab:
@@ -410,6 +438,21 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         except ValueError as exc:  # its messages start with the field name
             raise invalid(f"sampling.{exc}") from None
         return params
+
+
+def _max_request_bytes(context: int, max_text_chars: int | None) -> int | None:
+    """The largest body a request that can be served may have: a prompt filling the
+    context (10 bytes per token id at most, or 4 per character of the longest text
+    that can fit), the longest stop list, id and drafter name, and room for the
+    scalars; never below ``PARSE_ALWAYS_BYTES``, which parse in a few ms (so such bodies
+    still get an error naming their field). The server refuses larger bodies unparsed:
+    decoding a 4 MiB message of token ids takes ~90 ms and holds the GIL, and the
+    event loop with it (None: no text bound, so no such limit)."""
+    if max_text_chars is None:
+        return None
+    prompt = max(10 * context, 4 * max_text_chars)
+    stops = MAX_STOP_SEQUENCES * (4 * MAX_STOP_CHARS + 3)
+    return max(PARSE_ALWAYS_BYTES, prompt + stops + 4 * (MAX_REQUEST_ID_CHARS + MAX_NAME_CHARS) + 1024)
 
 
 def _clip(value: str) -> str:
