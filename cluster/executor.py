@@ -158,6 +158,7 @@ class RayExecutor:
         result, summaries = verifier.parse(reply)
         outcome.verify = result
         for (name, _), summary in zip(chained, summaries):
+            self.drafters[name].succeeded()  # its proposal reached the verifier
             outcome.drafts[name] = DraftReply([], summary.compute_ns, summary.unknown)
             outcome.draft_positions = max(outcome.draft_positions, summary.positions)
             # The drafters ran side by side: the round took the slowest, not the sum.

@@ -12,17 +12,19 @@ owns what the distributed case adds to a call, and nothing about requests:
   ``UNAVAILABLE`` when it was not ready to take the call (nothing ran), ``ERROR``
   when the call raised inside a live actor. The scheduler turns each into a
   resync (re-send from position 0); nothing here mirrors committed tokens;
-- the actor's life itself is the ``ActorSupervisor``'s (``supervisor.py``).
+- the actor's life itself is the ``ActorSupervisor``'s (``supervisor.py``), within
+  its ``RestartBudget``; past the budget a drafter is left out of rounds (its
+  requests go on with the other drafts or none, still exact) and a verifier group
+  raises ``WorkerUnavailable`` (its requests end UNAVAILABLE).
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-import time
 from collections.abc import Callable, Sequence
 
-from specfleet.cluster.supervisor import ActorSupervisor
+from specfleet.cluster.supervisor import ActorSupervisor, RestartBudget
 from specfleet.core.types import DraftRequest
 from specfleet.core.workers import (
     DraftReply,
@@ -93,6 +95,10 @@ class _Handle:
     def wait_ready(self, timeout_s: float | None = None) -> dict:
         return self.supervisor.wait_ready(timeout_s)
 
+    def succeeded(self) -> None:
+        """A call went through: the restart budget's failures in a row start from 0."""
+        self.supervisor.budget.succeeded()
+
     def shutdown(self) -> None:
         self.supervisor.shutdown()
 
@@ -125,9 +131,8 @@ class DrafterHandle(_Handle):
     """Calls to one drafter actor; ``submit`` sends, ``collect`` waits."""
 
     def __init__(self, name: str, spawn: Callable[[], object], *, call_timeout_s: float = 60.0,
-                 restart_backoff_s: float = 1.0):
-        super().__init__(ActorSupervisor(f"drafter {name!r}", spawn, restart_backoff_s=restart_backoff_s),
-                         call_timeout_s)
+                 budget: RestartBudget | None = None):
+        super().__init__(ActorSupervisor(f"drafter {name!r}", spawn, budget=budget), call_timeout_s)
         self.name = name
         self._observed: list[list[int]] = []
         self._sent_observed: list[list[int]] = []  # observations sent with the call in flight
@@ -168,6 +173,7 @@ class DrafterHandle(_Handle):
         except Exception as exc:
             return self.classify(exc, f"drafter {self.name!r}")
         self._unconfirmed = []
+        self.succeeded()
         return reply
 
     def flush(self) -> None:
@@ -187,14 +193,10 @@ class VerifierHandle(_Handle):
     """Calls to one verifier group's leader actor."""
 
     def __init__(self, spawn: Callable[[], object], *, group: int = 0, call_timeout_s: float = 120.0,
-                 start_timeout_s: float = 300.0, max_recoveries: int = 3, restart_backoff_s: float = 0.5):
-        super().__init__(ActorSupervisor(f"verifier group {group}", spawn), call_timeout_s)
+                 start_timeout_s: float = 300.0, budget: RestartBudget | None = None):
+        super().__init__(ActorSupervisor(f"verifier group {group}", spawn, budget=budget), call_timeout_s)
         self.group = group
         self.start_timeout_s = start_timeout_s
-        self.restart_backoff_s = restart_backoff_s
-        # Consecutive lost rounds before the driver is told (a crash loop must end).
-        self.max_recoveries = max_recoveries
-        self._lost_in_a_row = 0
         self._round = 0  # id of the last round sent (see VerifierActor.last_round)
 
     def wait_ready(self, timeout_s: float | None = None) -> dict:
@@ -209,31 +211,26 @@ class VerifierHandle(_Handle):
         """A verify reply: the group's ``VerifyReply`` and one ``DraftSummary`` per
         drafter reply that was chained into it."""
         self._unconfirmed = []
-        self._lost_in_a_row = 0
+        self.succeeded()
         return pickle.loads(reply)
 
     def recover(self, why: str) -> WorkerFailure:
         """Replace a lost verifier and wait for the new one (no round of this group can
-        run without it); its requests are re-sent whole by the scheduler. A replacement
-        that dies while starting is replaced again, with backoff; after
-        ``max_recoveries`` lost rounds in a row, or as many failed replacements, the
-        group is given up (``WorkerUnavailable``)."""
-        self._lost_in_a_row += 1
-        if self._lost_in_a_row > self.max_recoveries:
-            raise WorkerUnavailable(f"verifier group {self.group} was lost {self._lost_in_a_row} "
-                                    f"rounds in a row; giving up")
+        run without it); its requests are re-sent whole by the scheduler and keep every
+        committed token. A replacement that dies while starting is replaced again after
+        the budget's backoff; once the restart budget is spent (N failures within T
+        seconds, or N in a row) the group is given up: ``WorkerUnavailable``, which the
+        server answers UNAVAILABLE, until the oldest failure leaves the window."""
         self._releases, self._unconfirmed = [], []
-        for attempt in range(self.max_recoveries):
-            self.supervisor.restart(why)
+        supervisor = self.supervisor
+        while supervisor.restart(why):
             try:
                 self.wait_ready()
                 return WorkerFailure(FailureKind.LOST, why)
             except Exception as exc:  # the replacement died or failed to load
                 why = f"its replacement failed to start ({type(exc).__name__})"
-                logger.warning("verifier group %d: %s; retrying", self.group, why)
-                time.sleep(min(self.restart_backoff_s * 2**attempt, 5.0))
-        raise WorkerUnavailable(f"verifier group {self.group} could not be restarted "
-                                f"({self.max_recoveries} attempts)")
+        raise WorkerUnavailable(f"verifier group {self.group} is unavailable after "
+                                f"{supervisor.budget.describe()}; retry later")
 
     def round_outcome(self, round_id: int, why: str) -> bytes | WorkerFailure:
         """After a failed compiled round: the round's reply if the verifier ran it, else

@@ -15,7 +15,9 @@ Control overhead per round (what the actor path adds to compute) is in
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ from specfleet.cluster.actors import (
 )
 from specfleet.cluster.executor import RayExecutor
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
+from specfleet.cluster.supervisor import RestartBudget
 from specfleet.core.config import ClusterConfig, DrafterConfig, SpecFleetConfig
 from specfleet.core.serving import BackendInfo
 from specfleet.engine.backend import EngineBackend, backend_info
@@ -49,13 +52,49 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> bool:
     if address == "local":
         # address="local" starts a new Ray even if one already runs on this machine
         # (plain ray.init() would join it, and then refuse num_cpus).
-        ray.init(
-            address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, resources=dict(cluster.resources),
-            include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-        )
+        with _loopback_only():
+            ray.init(
+                address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                resources=dict(cluster.resources), include_dashboard=False,
+                _node_ip_address="127.0.0.1", configure_logging=False,
+            )
         return True
     ray.init(address=address, configure_logging=False)
     return False
+
+
+# Ray's switch for single-machine mode (its default on macOS/Windows): node IP 127.0.0.1.
+_SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Make an embedded Ray listen on loopback only, every process of it.
+
+    Ray (2.60) rewrites ``_node_ip_address="127.0.0.1"`` to the machine's routable
+    address (``services.resolve_ip_for_localhost``) unless clusters are disabled, and
+    then GCS, raylet, workers and the driver listen on all interfaces and the agents on
+    the host IP. With clusters disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read
+    by Ray at import) the node IP stays 127.0.0.1, and every C++ gRPC server and both
+    agents bind 127.0.0.1 (tested: ``tests/integration/test_ray_serve.py`` lists the
+    listening sockets of the serve process tree). Ray is usually imported by now, so
+    its constant is set here too; the environment variable reaches the processes
+    ``ray.init`` starts (GCS, raylet, agents; workers inherit the raylet's). Both are
+    put back afterwards: joining a cluster later must not be loopback-bound.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_SINGLE_HOST_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_HOST_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_SINGLE_HOST_ENV, None)
+        else:
+            os.environ[_SINGLE_HOST_ENV] = saved_env
 
 
 # ---- the runtime ---------------------------------------------------------------------------
@@ -107,6 +146,7 @@ class RayRuntime:
                 self.verifiers.append(VerifierHandle(
                     lambda pg=self.groups[g]: spawn_verifier(vfactory, vcfg.resources, pg), group=g,
                     call_timeout_s=call_timeout_s * 2, start_timeout_s=start_timeout_s,
+                    budget=RestartBudget.from_config(cfg.cluster),
                 ))
             for dcfg in cfg.drafters:
                 factory = (drafter_factories or {}).get(dcfg.name) or DrafterFactory(
@@ -114,7 +154,7 @@ class RayRuntime:
                 )
                 self.drafters[dcfg.name] = DrafterHandle(
                     dcfg.name, lambda f=factory, r=dcfg.resources: spawn_drafter(f, r),
-                    call_timeout_s=call_timeout_s,
+                    call_timeout_s=call_timeout_s, budget=RestartBudget.from_config(cfg.cluster),
                 )
             self.placements = self._wait_ready(start_timeout_s)
             decode = _target_decode(cfg)
@@ -181,7 +221,8 @@ class RayRuntime:
         vcfg = self.cfg.verifier
         factory = DrafterFactory(dcfg, self.cfg.models.target, vcfg.max_batch_size * vcfg.count, vcfg.max_seq_len)
         handle = DrafterHandle(dcfg.name, lambda: spawn_drafter(factory, dcfg.resources),
-                               call_timeout_s=self._call_timeout_s)
+                               call_timeout_s=self._call_timeout_s,
+                               budget=RestartBudget.from_config(self.cfg.cluster))
         try:
             info = handle.wait_ready(timeout_s)
         except BaseException:
@@ -251,6 +292,12 @@ class RayBackend(EngineBackend):
         except BaseException:
             runtime.shutdown()
             raise
+
+    def worker_restarts(self) -> tuple[dict[str, int], dict[int, int]]:
+        """Actor restarts by the supervisors: plain ints, safe to read from any thread."""
+        runtime = self.runtime
+        return ({name: h.restarts for name, h in runtime.drafters.items()},
+                {g: h.restarts for g, h in enumerate(runtime.verifiers)})
 
     async def close(self) -> None:
         """Stop the engine thread (after the caller drained requests) and free every actor."""

@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "specfleet.sim.cli_sim",
     "specfleet.router.cli_generate",
     "specfleet.router.cli_serve",
+    "specfleet.router.cli_top",
     "specfleet.router.cli_drafters",
 ]
 

@@ -157,10 +157,28 @@ class ServerConfig:
     )
     tls_cert: str | None = _f(None, "PEM certificate chain file; with tls_key the server uses TLS")
     tls_key: str | None = _f(None, "PEM private key file of tls_cert")
+    http_port: int | None = _f(
+        None, "port of the OpenAI-compatible HTTP API on host (0 picks a free port); none = off",
+        min=0,
+    )
+    served_model_name: str | None = _f(
+        None, "the model name HTTP clients send (/v1/models lists it); default: models.target"
+    )
+    metrics_port: int | None = _f(
+        None, "port of the Prometheus /metrics endpoint on host (0 picks a free port); none = off",
+        min=0,
+    )
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("server.tls_cert and server.tls_key: set both or neither")
+        ports = [("port", self.port), ("http_port", self.http_port), ("metrics_port", self.metrics_port)]
+        taken: dict[int, str] = {}
+        for key, value in ports:
+            if value:  # None is off, 0 is a free port: neither can clash
+                if value in taken:
+                    raise ValueError(f"server.{key}: {value} is also server.{taken[value]}")
+                taken[value] = key
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,18 @@ class ClusterConfig:
         1, "compile only while at most this many drafters are in use: every actor in the "
         "graph polls, so it pays only when each has a core to itself", min=1,
     )
+    restart_max_failures: int = _f(
+        5, "an actor (drafter or verifier group) that fails this many times within "
+        "restart_window_s, or this many times in a row, is given up until its oldest failure "
+        "leaves the window: a verifier group's requests then end UNAVAILABLE, a drafter's go "
+        "on without its drafts", min=1,
+    )
+    restart_window_s: float = _f(60.0, "the window of restart_max_failures, in seconds", min=0)
+    restart_backoff_s: float = _f(
+        0.5, "wait before restarting an actor that failed twice or more in a row; doubles "
+        "with each further failure", min=0,
+    )
+    restart_backoff_max_s: float = _f(5.0, "the longest wait between restarts", min=0)
 
 
 @dataclass(frozen=True)
@@ -193,7 +223,7 @@ class SpecFleetConfig:
     verifier: VerifierConfig = _f(VerifierConfig, "verifier groups hosting the target")
     router: RouterConfig = _f(RouterConfig, "per-request drafter choice and fusion")
     scheduler: SchedulerConfig = _f(SchedulerConfig, "draft length and pipelining")
-    server: ServerConfig = _f(ServerConfig, "gRPC server")
+    server: ServerConfig = _f(ServerConfig, "frontend: gRPC server, OpenAI-compatible HTTP API, metrics")
     cluster: ClusterConfig = _f(ClusterConfig, "Ray cluster to run on")
 
     def __post_init__(self):

@@ -8,6 +8,12 @@ driver over drafter and verifier actors. The servicer never knows which.
 
 Continuous batching: requests are admitted into the running engine between rounds,
 so a new request never waits for the current batch to finish.
+
+Observability without locks: after every round the engine thread publishes a fresh
+``LoadSnapshot`` (``load_snapshot``, an immutable value other threads may read at any
+time) and hands each new ``RoundTiming`` to ``round_observer`` if one is set; while
+one is set it also publishes ``fleet_snapshot`` (worker failures, the router's table).
+The frontend's Prometheus export (``router/metrics.py``) reads these, never the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
+from specfleet.core.load import LoadSnapshot
 from specfleet.core.serving import (
     BackendInfo,
     ChunkError,
@@ -29,6 +37,7 @@ from specfleet.core.serving import (
     GenerationRequest,
     VerifierGroupInfo,
 )
+from specfleet.core.stats import RoundTiming
 from specfleet.core.types import FinishReason
 from specfleet.core.workers import WorkerUnavailable
 
@@ -49,6 +58,17 @@ def backend_info(cfg, *, vocab_size: int, max_seq_len: int) -> BackendInfo:
     )
 
 
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Fleet-wide state for metrics, copied on the engine thread after a round."""
+
+    draft_failures: dict[str, int] = field(default_factory=dict)  # drafter → failed calls
+    verify_failures: dict[int, int] = field(default_factory=dict)  # group → failed calls
+    # domain → drafter → the router's current score (``ExpertiseRouter.table``); empty
+    # without a router.
+    router_table: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 class EngineBackend:
     """Runs a ``SpecEngine`` on its own thread; asyncio callers stream from it.
 
@@ -67,6 +87,12 @@ class EngineBackend:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = threading.Event()
+        # Read by other threads (metrics): replaced, never mutated, by the engine thread.
+        self.load_snapshot: LoadSnapshot = engine.load()
+        # Called on the engine thread with each round's timing; must be quick (metrics).
+        self.round_observer: Callable[[RoundTiming], None] | None = None
+        self.fleet_snapshot = FleetSnapshot()
+        self._last_timing: RoundTiming | None = None
         engine.token_sink = self._on_tokens
         self._thread = threading.Thread(target=self._run, name="specfleet-engine", daemon=True)
         self._thread.start()
@@ -96,6 +122,11 @@ class EngineBackend:
 
     def active_request_ids(self) -> list[str]:
         return self.engine.request_ids
+
+    def worker_restarts(self) -> tuple[dict[str, int], dict[int, int]]:
+        """(drafter → restarts, verifier group → restarts) since start. In-process
+        workers are plain objects that are never restarted; the Ray backend's are actors."""
+        return {}, {}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._closed.is_set():
@@ -209,6 +240,7 @@ class EngineBackend:
                 break
             if command is not None:
                 self._handle(command, payload)
+                self.load_snapshot = self.engine.load()
                 continue  # drain the inbox before the next round
             if not self.engine.has_work:
                 continue
@@ -222,6 +254,7 @@ class EngineBackend:
                 logger.exception("engine round failed")
                 self._fail_all(str(exc))
                 continue
+            self._publish()
             for out in finished:
                 if out.finish_reason == FinishReason.ERROR:  # this request alone failed
                     error = ChunkError(ErrorCode.INTERNAL, out.error or "request failed")
@@ -230,6 +263,33 @@ class EngineBackend:
                     self._emit(
                         GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
                     )
+
+    def _publish(self) -> None:
+        """The load after this round, and the rounds' timings since the last call."""
+        self.load_snapshot = self.engine.load()
+        timings = getattr(self.engine, "timings", None)
+        if not timings:
+            return
+        new: list[RoundTiming] = []
+        for timing in reversed(timings):  # the deque holds the latest rounds; walk back to the last seen
+            if timing is self._last_timing:
+                break
+            new.append(timing)
+        self._last_timing = timings[-1]
+        observer = self.round_observer
+        if observer is not None:
+            stats = self.engine.stats
+            table = getattr(self.engine.router, "table", None)
+            self.fleet_snapshot = FleetSnapshot(
+                dict(stats.draft_failures), dict(stats.verify_failures),
+                table() if table is not None else {},
+            )
+            for timing in reversed(new):
+                try:
+                    observer(timing)
+                except Exception:  # metrics must never stop the engine
+                    logger.exception("round observer failed")
+                    break
 
     def _fail_all(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
         message = message.strip().splitlines()[0][:200] if message.strip() else "engine failure"

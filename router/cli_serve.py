@@ -6,7 +6,9 @@ the cluster). With ``--backend ray`` (the default) it starts an embedded local R
 ``HOST:PORT``), places every drafter and the verifier group as actors, and logs what
 landed on which node; ``--backend inprocess`` runs the whole engine in this process
 instead. Either way it serves ``specfleet.v1`` plus health and reflection and logs
-``serving on HOST:PORT`` once ready. On SIGINT/SIGTERM: report NOT_SERVING, stop
+``serving on HOST:PORT`` once ready; with ``--http-port`` (or ``server.http_port``)
+also the OpenAI-compatible HTTP API, and with ``--metrics-port`` (or
+``server.metrics_port``) Prometheus metrics, each announced on its own line. On SIGINT/SIGTERM: report NOT_SERVING, stop
 taking calls, let in-flight requests finish (drain), then release every actor.
 """
 
@@ -21,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="deploy a configuration and serve the gRPC API")
+    p = subparsers.add_parser("serve", help="deploy a configuration and serve the gRPC API "
+                                            "(and the OpenAI-compatible HTTP API)")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
     # Kinds are checked by server.make_backend (the one place that knows them), which
     # keeps grpc, Ray and the engine out of `--help`.
@@ -33,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "of a running cluster (default: cluster.address of the config)")
     p.add_argument("--port", type=int, default=None, metavar="N",
                    help="gRPC port (default: server.port of the config; 0 = any free)")
+    p.add_argument("--http-port", type=int, default=None, metavar="N",
+                   help="also serve the OpenAI-compatible HTTP API on this port (default: "
+                        "server.http_port of the config; 0 = any free)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                   help="export Prometheus metrics on this port (default: server.metrics_port "
+                        "of the config; 0 = any free)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on shutdown, how long in-flight requests may take to finish (default: 30)")
     p.set_defaults(handler=_serve)
@@ -85,10 +94,15 @@ async def _run(cfg, args) -> int:
     runtime = getattr(backend, "runtime", None)  # the Ray backend logged its placements
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg)
-        server = SpecFleetServer(backend, tokenizer, cfg.server, port=args.port)
+        server = SpecFleetServer(backend, tokenizer, cfg.server, port=args.port,
+                                 http_port=args.http_port, metrics_port=args.metrics_port)
         await server.start()
         logger.info("serving on %s", server.address)
         print(f"specfleet: serving on {server.address}", flush=True)
+        if server.http is not None:
+            print(f"specfleet: OpenAI-compatible HTTP API on {server.http.url}/v1", flush=True)
+        if server.metrics is not None:
+            print(f"specfleet: metrics on {server.metrics.url}", flush=True)
         await stop.wait()
         logger.info("shutting down: draining %d in-flight request(s)", len(backend.active_request_ids()))
         # Stop taking calls; running streams may finish within the drain timeout.

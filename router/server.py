@@ -13,7 +13,10 @@ through ``ServerThread``. Per request, a call passes the interceptors in order:
    once (TGI style). A failing request never takes the server down or hangs.
 
 Then ``SpecFleetServicer`` (``servicer.py``) does the work; the admin service
-(``admin.py``: drafters joining and leaving) checks its own token first.
+(``admin.py``: drafters joining and leaving) checks its own token first. With
+``server.http_port`` set, the same servicer also serves the OpenAI-compatible HTTP
+API (``http_api.py``) on the same event loop, and with ``server.metrics_port`` the
+frontend exports Prometheus metrics of both (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -87,11 +90,22 @@ class _Malformed:
     error: str
 
 
-def _lenient(deserializer: Callable | None) -> Callable | None:
+@dataclass(frozen=True)
+class _Oversized:
+    """A body larger than any request that can be served: refused without parsing it
+    (parsing runs on the event loop and holds the GIL)."""
+
+    size: int
+    limit: int
+
+
+def _lenient(deserializer: Callable | None, max_bytes: int | None = None) -> Callable | None:
     if deserializer is None:
         return None
 
     def parse(body: bytes):
+        if max_bytes is not None and len(body) > max_bytes:
+            return _Oversized(len(body), max_bytes)
         try:
             return deserializer(body)
         except Exception as exc:  # protobuf's DecodeError, or anything a bad body raises
@@ -143,7 +157,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ExceptionInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by SpecFleet's handlers to status codes; logs each once."""
+    """Maps exceptions raised by SpecFleet's handlers to status codes; logs each once.
+    Bodies over ``max_request_bytes`` are refused unparsed (INVALID_ARGUMENT)."""
+
+    def __init__(self, max_request_bytes: int | None = None):
+        self._max_bytes = max_request_bytes
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -160,7 +178,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, unary, deserializer=_lenient(handler.request_deserializer))
+            return _same_kind(handler, unary, deserializer=_lenient(handler.request_deserializer, self._max_bytes))
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
@@ -173,11 +191,15 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, method, exc)
 
-            return _same_kind(handler, stream, deserializer=_lenient(handler.request_deserializer))
+            return _same_kind(handler, stream, deserializer=_lenient(handler.request_deserializer, self._max_bytes))
         return handler
 
 
 def _check_parsed(request) -> None:
+    if isinstance(request, _Oversized):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request: {request.size} bytes, more than any request that fits the "
+                           f"context can have (at most {request.limit} bytes)")
     if isinstance(request, _Malformed):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"request: the body is not a valid message of this method ({request.error})")
@@ -221,21 +243,36 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class SpecFleetServer:
-    """One grpc.aio server: SpecFleet service, health, reflection. Create and use it
-    inside a running event loop; ``stop`` leaves the backend to its owner."""
+    """One grpc.aio server: SpecFleet service, health, reflection; beside it, on the
+    same servicer, the HTTP API and the metrics endpoint when their ports are set
+    (arguments override the config's). Create and use it inside a running event loop;
+    ``stop`` leaves the backend to its owner."""
 
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, config: ServerConfig,
-                 *, port: int | None = None):
+                 *, port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None):
         self.backend = backend
         self.config = config
         self.host = config.host
         self.port = config.port if port is None else port
-        self.servicer = SpecFleetServicer(backend, tokenizer, config)
+        http_port = config.http_port if http_port is None else http_port
+        metrics_port = config.metrics_port if metrics_port is None else metrics_port
+        self.metrics = None
+        if metrics_port is not None:
+            from specfleet.router.metrics import Metrics
+
+            self.metrics = Metrics(backend, port=metrics_port, host=config.host)
+        self.servicer = SpecFleetServicer(backend, tokenizer, config, observer=self.metrics)
+        self.http = None
+        if http_port is not None:
+            from specfleet.router.http_api import HttpServer  # FastAPI only when asked for
+
+            self.http = HttpServer(self.servicer, config, port=http_port)
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             interceptors.append(BearerAuthInterceptor(config.auth_token))
-        interceptors.append(ExceptionInterceptor())
+        interceptors.append(ExceptionInterceptor(self.servicer.max_request_bytes))
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         pb_grpc.add_SpecFleetServicer_to_server(self.servicer, self._server)
         self.admin = AdminServicer(backend, config.admin_token)
@@ -271,6 +308,10 @@ class SpecFleetServer:
             raise OSError(f"cannot listen on {address}")
         self.port = bound
         await self._server.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        if self.http is not None:
+            await self.http.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving specfleet.v1 on %s (tls=%s, auth=%s)", self.address,
@@ -280,7 +321,12 @@ class SpecFleetServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, stop accepting calls, let running ones finish for ``grace`` s."""
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stops = [self._server.stop(grace)]
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
+        if self.metrics is not None:
+            self.metrics.stop()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -291,9 +337,10 @@ class ServerThread:
     (tests, notebooks): ``with ServerThread(backend, tokenizer, cfg) as srv: srv.port``."""
 
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, config: ServerConfig,
-                 *, port: int | None = None):
+                 *, port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None):
         self._args = (backend, tokenizer, config)
-        self._port = port
+        self._ports = dict(port=port, http_port=http_port, metrics_port=metrics_port)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="specfleet-grpc",
                                         daemon=True)
@@ -305,7 +352,7 @@ class ServerThread:
         return self
 
     async def _start(self) -> None:
-        self.server = SpecFleetServer(*self._args, port=self._port)
+        self.server = SpecFleetServer(*self._args, **self._ports)
         await self.server.start()
 
     @property

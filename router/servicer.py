@@ -6,6 +6,13 @@ request under ``server.max_concurrent_requests`` (else RESOURCE_EXHAUSTED), stre
 ``GenerationChunk``s from the backend and turns them into responses, detokenizing
 incrementally (``text_stream.py``) and cutting the text before a stop sequence.
 
+The OpenAI-compatible HTTP API (``http_api.py``) goes through the same three steps
+— ``prepare`` (validation), ``admitted`` (the concurrency limit), ``pieces`` (the
+transport-neutral output stream) — by translating its JSON into a ``GenerateRequest``
+first, so both APIs refuse and serve exactly the same requests. ``pieces`` also
+reports every finished request to the frontend's ``RequestObserver`` (Prometheus,
+``metrics.py``), whichever API it came through.
+
 Errors are raised, never reported by hand: ``RequestError`` carries its status
 code, anything else is a bug or a backend failure; the exception interceptor in
 ``server.py`` maps both to a status and logs once. Cancellation is structural: the
@@ -30,7 +37,8 @@ import grpc
 
 from specfleet import __version__
 from specfleet.core.config import ServerConfig
-from specfleet.core.serving import ErrorCode, GenerationBackend, GenerationChunk, GenerationRequest
+from specfleet.core.serving import ErrorCode, GenerationBackend, GenerationRequest
+from specfleet.core.stats import RequestStats
 from specfleet.core.types import FinishReason, SamplingParams
 from specfleet.proto import specfleet_pb2 as pb
 from specfleet.proto import specfleet_pb2_grpc as pb_grpc
@@ -45,6 +53,21 @@ INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a worker thread
 MAX_STOP_SEQUENCES = 16  # stop strings per request (each is matched every round)
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_NAME_CHARS = 128  # drafter names, and how much of a bad value an error echoes
+PARSE_ALWAYS_BYTES = 256 * 1024  # bodies up to this size are always parsed (~6 ms at most)
+
+
+def longest_token_chars(tokenizer) -> int | None:
+    """Characters of the longest vocabulary entry: no token covers more text than that
+    (byte-level BPE, SentencePiece and WordPiece entries are at least as long as their
+    text), so a text over ``context * this`` characters cannot fit and is refused
+    before tokenizing. None when the tokenizer lists no vocabulary (no such bound)."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return None
+    try:
+        return max((len(t) for t in vocab()), default=None)
+    except Exception:  # a tokenizer whose vocabulary cannot be listed: no bound
+        return None
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -79,18 +102,69 @@ class BackendFailure(Exception):
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """A validated, tokenized request, ready for ``admitted`` and ``pieces``."""
+
     request: GenerationRequest
-    received_ns: int
+    received_ns: int  # perf_counter_ns when the frontend got it (latencies start here)
+    api: str = "grpc"  # which API it came through (a metrics label)
+
+
+@dataclass
+class Piece:
+    """One step of a request's output, before any wire format (gRPC and HTTP build from it)."""
+
+    token_ids: list[int]  # tokens committed since the previous piece
+    text: str  # their text (held back while it might still become a stop sequence)
+    finish_reason: FinishReason | None = None  # set on the last piece only
+    # The last piece only:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stats: RequestStats | None = None  # the engine's per-request speculation statistics
+    total_ns: int = 0  # received -> last token
+    first_token_ns: int = 0  # received -> first token
+    seed: int | None = None  # a sampled request's seed: resend it to reproduce
+
+
+@dataclass
+class RequestRecord:
+    """What a ``RequestObserver`` learns of one request that ended (served or failed)."""
+
+    api: str
+    finish_reason: str  # a FinishReason value, or "error" for a failed request
+    prompt_tokens: int
+    completion_tokens: int
+    stats: RequestStats | None  # None when the request failed
+    total_ns: int  # received -> end
+    first_token_ns: int | None  # received -> first token; None if none came
+    # (gap since the previous piece's tokens, tokens in this piece) for every piece after
+    # the first with tokens: the output cadence a streaming client sees (measured the
+    # same way for whole responses).
+    token_gaps: list[tuple[int, int]]
+
+
+class RequestObserver(Protocol):
+    """Told of each request as it ends (``metrics.Metrics`` implements it). Runs on the
+    event loop, so it must be quick and must not raise."""
+
+    def observe_request(self, record: RequestRecord) -> None: ...
 
 
 class SpecFleetServicer(pb_grpc.SpecFleetServicer):
-    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, config: ServerConfig):
+    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, config: ServerConfig,
+                 *, observer: RequestObserver | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = config
+        self.observer = observer
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_limit)
         self._in_flight: set[str] = set()
+        # Work per request on the event loop must stay small whatever a client sends
+        # (health checks and every other stream share the loop): prompts that cannot
+        # fit are refused from their size alone, before anything proportional to it.
+        token_chars = longest_token_chars(tokenizer)
+        self._max_text_chars = None if token_chars is None else self._info.max_seq_len * token_chars
+        self.max_request_bytes = _max_request_bytes(self._info.max_seq_len, self._max_text_chars)
 
     @property
     def _info(self):
@@ -103,10 +177,10 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
 
     # ---- RPCs ------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        prepared = await self._prepare(request)
+        prepared = await self.prepare(request)
         response = pb.GenerateResponse(request_id=prepared.request.request_id)
         text: list[str] = []
-        async with self._admitted(prepared):
+        async with self.admitted(prepared):
             async with contextlib.aclosing(self._run(prepared)) as chunks:
                 async for chunk in chunks:
                     text.append(chunk.text)
@@ -124,8 +198,8 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateChunk]:
-        prepared = await self._prepare(request)
-        async with self._admitted(prepared):
+        prepared = await self.prepare(request)
+        async with self.admitted(prepared):
             async with contextlib.aclosing(self._run(prepared)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -155,47 +229,101 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         )
 
     # ---- one request -------------------------------------------------------------------
-    async def _run(self, prepared: _Prepared) -> AsyncIterator[pb.GenerateChunk]:
-        """Backend chunks → wire chunks; the last carries finish reason, usage, stats."""
+    async def _run(self, prepared: Prepared) -> AsyncIterator[pb.GenerateChunk]:
+        """Pieces → wire chunks; the last carries finish reason, usage, stats."""
+        rid = prepared.request.request_id
+        async with contextlib.aclosing(self.pieces(prepared)) as pieces:
+            async for piece in pieces:
+                out = pb.GenerateChunk(request_id=rid, token_ids=piece.token_ids, text=piece.text)
+                if piece.finish_reason is not None:
+                    out.finish_reason = _FINISH[piece.finish_reason]
+                    out.usage.prompt_tokens = piece.prompt_tokens
+                    out.usage.completion_tokens = piece.completion_tokens
+                    _fill_stats(out.stats, piece.stats)
+                    out.timings.total_ns = piece.total_ns
+                    out.timings.first_token_ns = piece.first_token_ns
+                    if piece.seed is not None:
+                        out.seed = piece.seed
+                yield out
+
+    async def pieces(self, prepared: Prepared) -> AsyncIterator[Piece]:
+        """The request's output from the backend, detokenized and cut at a stop sequence;
+        the last piece has ``finish_reason``. Raises ``RequestError``/``BackendFailure``."""
         req = prepared.request
         text = TextStream(self._decode, req.sampling.stop)
         completion_tokens = 0
         first_token_ns = 0
-        async with contextlib.aclosing(self.backend.stream(req)) as chunks:
-            async for chunk in chunks:
-                if chunk.error is not None:
-                    if chunk.error.code == ErrorCode.INVALID_ARGUMENT:
-                        raise invalid(chunk.error.message)
-                    if chunk.error.code == ErrorCode.UNAVAILABLE:
-                        raise RequestError(grpc.StatusCode.UNAVAILABLE, chunk.error.message)
-                    raise BackendFailure(f"request {req.request_id}: {chunk.error.message}")
-                if chunk.token_ids and not first_token_ns:
-                    first_token_ns = time.perf_counter_ns() - prepared.received_ns
-                completion_tokens += len(chunk.token_ids)
-                out = pb.GenerateChunk(
-                    request_id=req.request_id, token_ids=chunk.token_ids,
-                    text=text.push(chunk.token_ids),
-                )
-                if chunk.finish_reason is not None:
-                    out.text += text.finish()
-                    out.finish_reason = _FINISH[FinishReason(chunk.finish_reason)]
-                    out.usage.prompt_tokens = len(req.prompt_token_ids)
-                    out.usage.completion_tokens = completion_tokens
-                    _fill_stats(out.stats, chunk)
-                    out.timings.total_ns = time.perf_counter_ns() - prepared.received_ns
-                    out.timings.first_token_ns = first_token_ns
-                    if chunk.seed is not None:
-                        out.seed = chunk.seed
-                    yield out
-                    return
-                yield out
-        raise BackendFailure(f"request {req.request_id}: the backend ended the stream unfinished")
+        last_tokens_ns = 0
+        gaps: list[tuple[int, int]] = []
+        finished = False
+        try:
+            async with contextlib.aclosing(self.backend.stream(req)) as chunks:
+                async for chunk in chunks:
+                    if chunk.error is not None:
+                        if chunk.error.code == ErrorCode.INVALID_ARGUMENT:
+                            raise invalid(chunk.error.message)
+                        if chunk.error.code == ErrorCode.UNAVAILABLE:
+                            raise RequestError(grpc.StatusCode.UNAVAILABLE, chunk.error.message)
+                        raise BackendFailure(f"request {req.request_id}: {chunk.error.message}")
+                    if chunk.token_ids:
+                        now = time.perf_counter_ns()
+                        if not first_token_ns:
+                            first_token_ns = now - prepared.received_ns
+                        else:
+                            gaps.append((now - last_tokens_ns, len(chunk.token_ids)))
+                        last_tokens_ns = now
+                    completion_tokens += len(chunk.token_ids)
+                    piece = Piece(list(chunk.token_ids), text.push(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        piece.text += text.finish()
+                        piece.finish_reason = FinishReason(chunk.finish_reason)
+                        piece.prompt_tokens = len(req.prompt_token_ids)
+                        piece.completion_tokens = completion_tokens
+                        piece.stats = chunk.stats
+                        piece.total_ns = time.perf_counter_ns() - prepared.received_ns
+                        piece.first_token_ns = first_token_ns
+                        piece.seed = chunk.seed
+                        finished = True
+                        self._observe(prepared, piece.finish_reason.value, completion_tokens,
+                                      chunk.stats, first_token_ns, gaps)
+                        yield piece
+                        return
+                    yield piece
+            raise BackendFailure(f"request {req.request_id}: the backend ended the stream unfinished")
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away (or its deadline)
+            if not finished:
+                self._observe(prepared, FinishReason.CANCELLED.value, completion_tokens, None,
+                              first_token_ns, gaps)
+            raise
+        except Exception:
+            if not finished:
+                self._observe(prepared, FinishReason.ERROR.value, completion_tokens, None,
+                              first_token_ns, gaps)
+            raise
+
+    def _observe(self, prepared: Prepared, reason: str, completion_tokens: int,
+                 stats: RequestStats | None, first_token_ns: int,
+                 gaps: list[tuple[int, int]]) -> None:
+        if self.observer is None:
+            return
+        record = RequestRecord(
+            api=prepared.api, finish_reason=reason,
+            prompt_tokens=len(prepared.request.prompt_token_ids),
+            completion_tokens=completion_tokens, stats=stats,
+            total_ns=time.perf_counter_ns() - prepared.received_ns,
+            first_token_ns=first_token_ns or None, token_gaps=gaps,
+        )
+        try:
+            self.observer.observe_request(record)
+        except Exception:  # metrics must never fail a request
+            logger.exception("request observer failed")
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, prepared: _Prepared):
+    async def admitted(self, prepared: Prepared):
+        """Hold one of ``server.max_concurrent_requests`` slots (else RESOURCE_EXHAUSTED)."""
         rid = prepared.request.request_id
         if len(self._in_flight) >= self.config.max_concurrent_requests:
             raise RequestError(
@@ -213,17 +341,16 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
             self._in_flight.discard(rid)
 
     # ---- validation ----------------------------------------------------------------------
-    async def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet ended, through either API."""
+        return len(self._in_flight)
+
+    async def prepare(self, request: pb.GenerateRequest, *, api: str = "grpc") -> Prepared:
         """Validate and tokenize; raises ``RequestError`` naming the offending field."""
         received_ns = time.perf_counter_ns()
-        info = self._info
         sampling = self._sampling(request.sampling)
-        prompt = await self._prompt(request)
-        if len(prompt) + sampling.max_new_tokens > info.max_seq_len:
-            raise invalid(
-                f"prompt: {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} "
-                f"exceed the context of {info.max_seq_len} tokens"
-            )
+        prompt = await self._prompt(request, sampling.max_new_tokens)
         spec = request.speculation
         drafter = spec.drafter or None
         if drafter is not None and drafter not in self._drafters:
@@ -232,7 +359,7 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise invalid(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-        return _Prepared(
+        return Prepared(
             GenerationRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt,
@@ -242,25 +369,39 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                 max_draft_length=spec.max_draft_length if spec.HasField("max_draft_length") else None,
             ),
             received_ns,
+            api,
         )
 
-    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prompt(self, request: pb.GenerateRequest, max_new_tokens: int) -> list[int]:
+        context = self._info.max_seq_len
+
+        def check_fits(n_tokens: int) -> None:
+            if n_tokens + max_new_tokens > context:
+                raise invalid(f"prompt: {n_tokens} tokens + max_new_tokens {max_new_tokens} "
+                              f"exceed the context of {context} tokens")
+
         kind = request.WhichOneof("prompt")
         if kind == "text":
             text = request.text
             if not text:
                 raise invalid("prompt.text: must not be empty")
+            if self._max_text_chars is not None and len(text) > self._max_text_chars:
+                raise invalid(f"prompt.text: {len(text)} characters cannot fit the context of "
+                              f"{context} tokens (at most {self._max_text_chars} characters)")
             if len(text) > INLINE_TOKENIZE_CHARS:  # keep the event loop (other streams) moving
                 ids = list(await asyncio.to_thread(self.tokenizer.encode, text))
             else:
                 ids = list(self.tokenizer.encode(text))
             if not ids:
                 raise invalid("prompt.text: tokenizes to no tokens")
+            check_fits(len(ids))
             return ids
         if kind == "token_ids":
-            ids = list(request.token_ids.ids)
-            if not ids:
+            field = request.token_ids.ids
+            if not field:
                 raise invalid("prompt.token_ids: must not be empty")
+            check_fits(len(field))  # before copying or scanning: bounded by the context below
+            ids = list(field)
             vocab = self._info.vocab_size
             for pos, token in enumerate(ids):
                 if not 0 <= token < vocab:
@@ -299,13 +440,27 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
         return params
 
 
+def _max_request_bytes(context: int, max_text_chars: int | None) -> int | None:
+    """The largest body a request that can be served may have: a prompt filling the
+    context (10 bytes per token id at most, or 4 per character of the longest text
+    that can fit), the longest stop list, id and drafter name, and room for the
+    scalars; never below ``PARSE_ALWAYS_BYTES``, which parse in a few ms (so such bodies
+    still get an error naming their field). The server refuses larger bodies unparsed:
+    decoding a 4 MiB message of token ids takes ~90 ms and holds the GIL, and the
+    event loop with it (None: no text bound, so no such limit)."""
+    if max_text_chars is None:
+        return None
+    prompt = max(10 * context, 4 * max_text_chars)
+    stops = MAX_STOP_SEQUENCES * (4 * MAX_STOP_CHARS + 3)
+    return max(PARSE_ALWAYS_BYTES, prompt + stops + 4 * (MAX_REQUEST_ID_CHARS + MAX_NAME_CHARS) + 1024)
+
+
 def _clip(value: str) -> str:
     """A client's value as an error may echo it: never unbounded."""
     return value if len(value) <= MAX_NAME_CHARS else value[:MAX_NAME_CHARS] + "…"
 
 
-def _fill_stats(stats: pb.SpeculationStats, chunk: GenerationChunk) -> None:
-    s = chunk.stats
+def _fill_stats(stats: pb.SpeculationStats, s: RequestStats | None) -> None:
     if s is None:
         return
     stats.drafted = s.drafted

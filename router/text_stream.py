@@ -83,8 +83,14 @@ class TextStream:
         """Length of the longest suffix of ``text`` that begins some stop string."""
         longest = 0
         for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if stop.startswith(text[-n:]):
-                    longest = n
+            # Candidates start where the stop's first character occurs in the last
+            # len(stop)-1 characters; the earliest match is the longest (found with
+            # str.find, so a long stop list costs microseconds per chunk on the loop).
+            window = text[len(text) - min(len(stop) - 1, len(text)):]
+            i = window.find(stop[0])
+            while 0 <= i < len(window) - longest:
+                if stop.startswith(window[i:]):
+                    longest = len(window) - i
                     break
+                i = window.find(stop[0], i + 1)
         return longest

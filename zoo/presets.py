@@ -28,7 +28,8 @@ DOMAINS: tuple[str, ...] = ("code", "prose", "data")
 DRAFTERS: tuple[str, ...] = ("drafter-general", "drafter-code", "drafter-prose", "drafter-data")
 MODEL_NAMES: tuple[str, ...] = ("target", "target-xl", *DRAFTERS)
 # Bump when a change to the build code changes what a recipe produces.
-FORMAT_VERSION = 1
+# 2: the tokenizer ships a chat template (zoo/tokenizer.py); weights as in 1.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -7,6 +7,11 @@ be checked by the target without re-tokenizing (cross-tokenizer drafting is late
 work; ``specfleet.models.loading.check_same_vocabulary`` refuses mismatches).
 
 Byte-level, so every string round-trips and no input is ever unknown.
+
+It ships a chat template (``CHAT_TEMPLATE``) so that ``/v1/chat/completions`` works
+on the zoo. The zoo's models are not instruction-tuned: the template only gives a
+conversation a plain, stable text form (a BOS, then ``role: content`` lines, then
+``assistant:``), which the target continues like any other text.
 """
 
 from __future__ import annotations
@@ -15,6 +20,16 @@ from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"  # document separator, also used as BOS (GPT-2 convention)
 PAD = "<|pad|>"  # distinct from EOS so padded batches never look like finished text
+
+# Jinja, as Hugging Face chat templates are; rendered by ``apply_chat_template``. The
+# BOS is written by the template itself (the tokenizer adds no special tokens).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] | trim + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -37,4 +52,5 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         pad_token=PAD,
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,  # the model config's max_position_embeddings is the limit
+        chat_template=CHAT_TEMPLATE,
     )

@@ -1,7 +1,7 @@
 """End to end on loopback: SDK → gRPC server → in-process engine with the tiny zoo.
 
-One server for the module (configs/tiny.yaml through ``make_backend``, exactly what
-``specfleet serve --backend inprocess`` runs). The invariants: greedy output through
+One server for the module (the ``stack`` fixture of conftest.py: configs/tiny.yaml
+through ``make_backend``, exactly what ``specfleet serve --backend inprocess`` runs). The invariants: greedy output through
 the API is the target's own Hugging Face ``generate`` output, token for token, for
 every drafter and without one; streamed text joins to the unary text; cancels and
 deadlines free the request in the engine; bad input is INVALID_ARGUMENT naming the
@@ -14,7 +14,6 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,42 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["def fibonacci(n):\n    ", "The quick brown fox", "import os\nimport sys\n",
            '{"name": "alice", "id": ']
 NEW_TOKENS = 16
-
-
-@dataclass
-class Stack:
-    cfg: object
-    backend: object
-    tokenizer: object
-    server: object
-    target: object  # the target as a plain HF model, for reference outputs
-
-    def expected(self, prompt: str, n: int = NEW_TOKENS) -> list[int]:
-        import torch
-
-        ids = self.tokenizer.encode(prompt)
-        eos = self.tokenizer.eos_token_id
-        with torch.no_grad():
-            out = self.target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                       eos_token_id=eos, pad_token_id=eos)
-        return out[0, len(ids):].tolist()
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_zoo):
-    from specfleet.core.config import load_config
-    from specfleet.models.loading import load_causal_lm
-    from specfleet.router.server import ServerThread, load_tokenizer, make_backend
-
-    cfg = load_config(REPO / "configs" / "tiny.yaml")
-    backend = make_backend(cfg, "inprocess")
-    try:
-        tokenizer = load_tokenizer(cfg)
-        target = load_causal_lm(cfg.models.target, config_key="models.target")
-        with ServerThread(backend, tokenizer, cfg.server) as server:
-            yield Stack(cfg, backend, tokenizer, server, target)
-    finally:
-        asyncio.run(backend.close())
 
 
 @pytest.fixture(scope="module")

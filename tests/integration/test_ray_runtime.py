@@ -55,7 +55,11 @@ def runtime(models, tmp_path_factory):
     from specfleet.cluster.runtime import RayRuntime
 
     tmp = tmp_path_factory.mktemp("ray")
-    cfg = load_config(write_config(tmp / "cfg.yaml", tiny_config_dict(models)))
+    data = tiny_config_dict(models)
+    # Many tests below kill the verifier within a minute: the default budget (5 in 60 s)
+    # would give it up. The budget itself is tested on its own handle below.
+    data["cluster"]["restart_max_failures"] = 1000
+    cfg = load_config(write_config(tmp / "cfg.yaml", data))
     with token_auth(tmp):
         rt = RayRuntime.start(cfg)
         # These requests are short; let them compile the round graph anyway (the
@@ -149,7 +153,7 @@ def test_backend_streams_exact_tokens(runtime, expected):
     assert backend.info().vocab_size == 97
 
 
-def _run_killing(runtime, kill, drafter="self", rounds_before=2, sampling=None):
+def _run_killing(runtime, kill, drafter="self", rounds_before=2, sampling=None, after_step=None):
     engine = runtime.engine
     sampling = sampling or SamplingParams(max_new_tokens=N)
     ids = [engine.submit(p, sampling, drafter=drafter) for p in PROMPTS]
@@ -159,6 +163,8 @@ def _run_killing(runtime, kill, drafter="self", rounds_before=2, sampling=None):
     kill()
     while engine.has_work:
         done.update((o.request_id, o) for o in engine.step())
+        if after_step is not None:
+            after_step()
     return [done[i] for i in ids]
 
 
@@ -205,6 +211,49 @@ def test_a_replacement_that_dies_while_starting_is_retried(runtime, expected):
         handle.supervisor._spawn = real
     assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
     assert doomed and handle.restarts == before + 2
+
+
+@pytest.mark.parametrize("when", ["while_loading", "after_two_rounds"])
+def test_a_replacement_killed_shortly_after_it_appears_is_replaced_again(runtime, expected, when):
+    """The issue's crash: kill the verifier, then its replacement soon after it appears
+    (0.5 s after it is spawned, loaded or not; or after it served two rounds). The
+    in-flight requests keep their committed tokens and finish equal to HF greedy."""
+    import threading
+
+    handle = runtime.verifier
+    real, before, timers, killed = handle.supervisor._spawn, handle.restarts, [], []
+    rounds_since = []
+
+    def kill(actor):
+        killed.append(actor)
+        ray.kill(actor, no_restart=True)
+
+    def spawn_and_arm():
+        actor = real()
+        if when == "while_loading" and not timers:
+            timers.append(threading.Timer(0.5, kill, (actor,)))
+            timers[0].start()
+        return actor
+
+    def after_step():
+        time.sleep(0.05)  # rounds slow enough that a timed kill lands while requests run
+        if when == "after_two_rounds" and not killed and handle.restarts == before + 1:
+            rounds_since.append(1)
+            if len(rounds_since) == 2:
+                kill(handle.actor)
+
+    handle.supervisor._spawn = spawn_and_arm
+    try:
+        outs = _run_killing(runtime, lambda: ray.kill(handle.actor, no_restart=True), drafter="random",
+                            after_step=after_step)
+    finally:
+        handle.supervisor._spawn = real
+        for timer in timers:
+            timer.join()
+    assert killed, "the replacement was never killed"
+    assert [o.token_ids for o in outs] == [expected(p) for p in PROMPTS]
+    assert all(o.finish_reason == FinishReason.LENGTH for o in outs)
+    assert handle.restarts == before + 2 and handle.alive
 
 
 def test_seeded_sampling_is_reproduced_across_a_verifier_death(runtime):
@@ -339,3 +388,61 @@ def test_seeded_request_through_grpc_is_reproduced_across_a_verifier_death(runti
         backend._thread.join(30)
     assert killed and calm.seed == 2**64 - 2 and runtime.verifier.restarts == restarts + 1
     assert tokens == calm.token_ids == plain.token_ids and tokens
+
+
+def test_n_failures_within_t_end_requests_unavailable_and_serving_goes_on(runtime, models, expected):
+    """A verifier group that fails restart_max_failures times within restart_window_s
+    (every replacement dies at once) is given up: the request in flight ends with
+    UNAVAILABLE and a short message, a new one too (fast, without restarting again);
+    once the budget allows, the group comes back and serves exactly."""
+    import grpc
+
+    from specfleet.cluster.supervisor import RestartBudget
+    from specfleet.core.config import ServerConfig
+    from specfleet.models.loading import load_tokenizer
+    from specfleet.proto.client import Client, RetryPolicy, SpecFleetError
+    from specfleet.router.server import ServerThread
+
+    handle = runtime.verifier
+    supervisor = handle.supervisor
+    real, saved_budget = supervisor._spawn, supervisor.budget
+    spawned = []
+
+    def spawn_dead():  # every replacement dies as it appears
+        actor = real()
+        spawned.append(actor)
+        ray.kill(actor, no_restart=True)
+        return actor
+
+    backend = runtime.backend()
+    prompt = PROMPTS[0]
+    try:
+        with ServerThread(backend, load_tokenizer(str(models["target"])), ServerConfig(port=0)) as server:
+            with Client(server.address, timeout=120, retry=RetryPolicy(attempts=1)) as client:
+                assert client.generate(prompt, max_new_tokens=N, drafter="random").token_ids == expected(prompt)
+                supervisor.budget = RestartBudget(max_failures=3, window_s=300.0, backoff_s=0.1)
+                supervisor._spawn = spawn_dead
+                ray.kill(handle.actor, no_restart=True)
+                with pytest.raises(SpecFleetError) as err:
+                    client.generate(prompt, max_new_tokens=N, drafter="random")
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                assert "verifier group 0 is unavailable" in err.value.message
+                assert len(err.value.message) < 200 and "Traceback" not in err.value.message
+                assert len(spawned) == 2 and supervisor.budget.recent() == 3  # loss + 2 failed starts
+                start = time.monotonic()
+                with pytest.raises(SpecFleetError) as again:  # given up: no new restart
+                    client.generate(prompt, max_new_tokens=N, drafter="random")
+                assert again.value.code == grpc.StatusCode.UNAVAILABLE
+                assert len(spawned) == 2 and time.monotonic() - start < 10
+                assert client.health() == "SERVING"
+                # The window passes (a fresh budget stands in for 300 s): the group comes back.
+                supervisor._spawn = real
+                supervisor.budget = saved_budget
+                out = client.generate(prompt, max_new_tokens=N, drafter="random")
+                assert out.token_ids == expected(prompt)
+    finally:
+        supervisor._spawn, supervisor.budget = real, saved_budget
+        backend._closed.set()
+        backend._inbox.put(("stop", None))
+        backend._thread.join(30)
+    assert handle.alive

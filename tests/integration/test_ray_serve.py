@@ -1,8 +1,10 @@
 """``specfleet serve`` (Ray backend) as a subprocess: deploy on an embedded Ray, serve gRPC on
-a free port, answer exactly, and release everything on SIGTERM."""
+a free port, answer exactly, listen on loopback only (every process of the serve
+tree: driver, GCS, raylet, agents, workers), and release everything on SIGTERM."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -21,8 +23,38 @@ from specfleet.testing.cluster_rigs import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
+# Components of the serve tree allowed to listen beyond loopback: none (with
+# cluster.address "local", Ray's node IP stays 127.0.0.1; see cluster/runtime.py).
+KNOWN_NON_LOOPBACK: frozenset[str] = frozenset()
 
-def test_serve_subprocess_answers_and_drains_on_sigterm(tmp_path):
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def listening_sockets(pid: int) -> list[tuple[str, str, int, str]]:
+    """(process name, ip, port, kind) of every listening TCP socket and bound UDP
+    socket of ``pid`` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name, conns = proc.name(), proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
+            continue
+        for c in conns:
+            if c.type == 1 and c.status == psutil.CONN_LISTEN:
+                out.append((name, c.laddr.ip, c.laddr.port, "tcp"))
+            elif c.type == 2 and c.laddr and not c.raddr:
+                out.append((name, c.laddr.ip, c.laddr.port, "udp"))
+    return out
+
+
+def test_serve_subprocess_answers_on_loopback_only_and_drains_on_sigterm(tmp_path):
     pytest.importorskip("specfleet.router.server")
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +81,11 @@ def test_serve_subprocess_answers_and_drains_on_sigterm(tmp_path):
             out = target.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                   eos_token_id=0, pad_token_id=0)
         assert result.token_ids == out[0, len(prompt):].tolist()
+        sockets = listening_sockets(proc.pid)
+        names = {name for name, *_ in sockets}
+        assert {"gcs_server", "raylet"} <= names and len(sockets) >= 5, sockets  # the whole tree was seen
+        exposed = [s for s in sockets if not _is_loopback(s[1]) and s[0] not in KNOWN_NON_LOOPBACK]
+        assert not exposed, f"listening beyond loopback: {exposed}"
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, rest

@@ -149,3 +149,12 @@ def test_configuration_reference_is_current():
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == render(), "run: python -m specfleet.core.config_reference > docs/configuration.md"
+
+
+def test_frontend_ports_must_not_clash(tmp_path):
+    path = write(tmp_path, MINIMAL + "server:\n  port: 8000\n  http_port: 8000\n")
+    with pytest.raises(ConfigError, match="server.http_port: 8000 is also server.port"):
+        load_config(path)
+    # 0 (a free port each) and unset (off) never clash.
+    cfg = load_config(write(tmp_path, MINIMAL + "server:\n  port: 0\n  http_port: 0\n  metrics_port: 0\n"))
+    assert (cfg.server.http_port, cfg.server.metrics_port) == (0, 0)

@@ -80,3 +80,24 @@ def test_bpe_tokenizer_round_trip():
         ids = tok.encode(TEXT) if seed == 0 else [rng.randrange(len(tok)) for _ in range(40)]
         pieces = run(TextStream(decode), chunkings(ids, seed))
         assert "".join(pieces) == decode(ids)
+
+
+def test_held_back_stop_prefix_equals_the_brute_force_rule():
+    """The held-back suffix (found with str.find) is the longest suffix of the text
+    that begins some stop string, as checking every length would find."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    def brute(text, stops):
+        return max((n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1)
+                    if s.startswith(text[-n:])), default=0)
+
+    alphabet = st.sampled_from("abc")
+
+    @settings(max_examples=300, derandomize=True, deadline=None)
+    @given(st.text(alphabet, max_size=12), st.lists(st.text(alphabet, min_size=1, max_size=6), max_size=4))
+    def check(text, stops):
+        stream = TextStream(lambda ids: "", stops)
+        assert stream._pending_stop_prefix(text) == brute(text, stream._stop)
+
+    check()
