@@ -66,6 +66,24 @@ def write_tiny_models(root: str | Path) -> dict[str, Path]:
     return paths
 
 
+def greedy_reference(target_dir: str | Path, default_n: int, *, ignore_eos: bool = False):
+    """``greedy(prompt, n=default_n)``: the tiny target's own HF greedy continuation (EOS
+    id 0, as ``write_tiny_model`` sets it; ``ignore_eos`` generates all n tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+
+    def greedy(prompt, n=default_n):
+        kwargs = {"min_new_tokens": n} if ignore_eos else {}
+        with torch.no_grad():
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=0, pad_token_id=0, **kwargs)
+        return out[0, len(prompt):].tolist()
+
+    return greedy
+
+
 def tiny_config_dict(models: dict[str, Path], *, resources: dict | None = None) -> dict:
     """A complete config over ``write_tiny_models`` output: two model drafters, n-gram, suffix.
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from specfleet.core.config import load_config
 from specfleet.testing.cluster_rigs import (
+    greedy_reference,
     tiny_config_dict,
     token_auth,
     write_config,
@@ -42,17 +42,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(models):
-    from transformers import AutoModelForCausalLM
-
-    target = AutoModelForCausalLM.from_pretrained(models["target"]).eval()
-
-    def greedy(prompt, n=N):
-        with torch.no_grad():
-            out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=0, pad_token_id=0, min_new_tokens=n)
-        return out[0, len(prompt):].tolist()
-
-    return greedy
+    return greedy_reference(models["target"], N, ignore_eos=True)
 
 
 def fleet_config(models, tmp, *, admin_token=ADMIN):

@@ -16,6 +16,7 @@ import torch
 from specfleet.core.config import load_config
 from specfleet.core.types import FinishReason, SamplingParams
 from specfleet.testing.cluster_rigs import (
+    greedy_reference,
     tiny_config_dict,
     token_auth,
     write_config,
@@ -37,17 +38,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(models):
-    from transformers import AutoModelForCausalLM
-
-    target = AutoModelForCausalLM.from_pretrained(models["target"]).eval()
-
-    def greedy(prompt, n=N):
-        with torch.no_grad():
-            out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=0, pad_token_id=0)
-        return out[0, len(prompt):].tolist()
-
-    return greedy
+    return greedy_reference(models["target"], N)
 
 
 @pytest.fixture(scope="module")

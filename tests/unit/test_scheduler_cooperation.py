@@ -24,6 +24,7 @@ from specfleet.testing.fake_workers import (
     reference_output,
     toy_target,
 )
+from tests.unit.test_scheduler import run_all
 
 TARGET = toy_target()
 PROMPTS = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12], [13]]
@@ -55,13 +56,6 @@ def make_rig(*, width=2, router_cls=LearnedRouter, drafters=("even", "odd"), bat
     driver = EngineDriver(scheduler, executor, clock=clock)
     return SimpleNamespace(clock=clock, workers=workers, executor=executor, scheduler=scheduler,
                            driver=driver, router=router)
-
-
-def run_all(driver) -> dict:
-    done = {}
-    while driver.has_work:
-        done.update((o.request_id, o) for o in driver.step())
-    return done
 
 
 def submit_all(rig, prompts=PROMPTS) -> list[str]:
