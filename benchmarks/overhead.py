@@ -69,6 +69,9 @@ def measure(cfg: SpecFleetConfig, *, drafters: list[str | None], batch: int = 4,
         dfac = {d.name: FakeDrafter for d in cfg.drafters}
         vfac = FakeVerifier
     else:
+        from specfleet.engine.builder import with_context_length
+
+        cfg = with_context_length(cfg)
         dfac = {d.name: DrafterFactory(d, cfg.models.target, cfg.verifier.max_batch_size, cfg.verifier.max_seq_len)
                 for d in cfg.drafters}
         vfac = VerifierFactory(cfg)

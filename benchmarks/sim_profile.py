@@ -98,8 +98,9 @@ def run_profile(cfg: SpecFleetConfig, *, grid: ProfileGrid, threads: int = 1,
                 acceptance: bool = False, acceptance_prompts: int = 3, acceptance_window: int = 6,
                 max_new_tokens: int = 32, progress=None) -> dict:
     from specfleet.benchmarks.engine_bench import machine_description
-    from specfleet.engine.builder import build_drafter, build_verifier
+    from specfleet.engine.builder import build_drafter, build_verifier, with_context_length
 
+    cfg = with_context_length(cfg)
     torch.set_num_threads(threads)
     # Every point must fit the KV cache: context + drafts + the delta of the later call.
     room = cfg.verifier.max_seq_len - max(grid.windows) - 4

@@ -30,6 +30,7 @@ from specfleet.cluster.actors import (
 )
 from specfleet.cluster.executor import RayExecutor
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
+from specfleet.cluster.placement_check import check_fits, deployment_demands, live_cluster_nodes
 from specfleet.cluster.supervisor import RestartBudget
 from specfleet.core.config import ClusterConfig, DrafterConfig, SpecFleetConfig
 from specfleet.core.serving import BackendInfo
@@ -127,8 +128,11 @@ class RayRuntime:
         ``drafter_factories`` / ``verifier_factory`` replace the config-driven builders
         (tests, fakes); by default each actor builds its piece with ``engine.builder``.
         """
-        from specfleet.engine.builder import build_engine  # noqa: F401 - fail early if missing
+        from specfleet.engine.builder import with_context_length
 
+        cfg = with_context_length(cfg)  # the actors and the frontend size KV from one value
+        # Fail now, with what is missing, instead of Ray waiting forever for resources.
+        check_fits(deployment_demands(cfg), live_cluster_nodes())
         self.cfg = cfg
         self.owns_ray = False
         self._call_timeout_s = call_timeout_s

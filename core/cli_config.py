@@ -13,6 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     validate = sub.add_parser("validate", help="check FILE; exit 0 if valid, 2 with the error")
     validate.add_argument("file", help="YAML configuration file")
+    validate.add_argument("--cluster", action="store_true",
+                          help="also check that every actor's resources fit the embedded cluster "
+                               "(cluster.address: local) the config describes")
     validate.set_defaults(handler=_validate)
 
     show = sub.add_parser("show", help="print FILE resolved with every default, as YAML")
@@ -36,6 +39,24 @@ def _validate(args) -> int:
     cfg = _load(args.file)
     if cfg is None:
         return 2
+    if args.cluster:
+        from specfleet.cluster.placement_check import (
+            PlacementError,
+            check_fits,
+            deployment_demands,
+            embedded_cluster_nodes,
+        )
+
+        if cfg.cluster.address != "local":
+            print(f"error: --cluster checks the embedded cluster; cluster.address is "
+                  f"{cfg.cluster.address!r} (specfleet serve checks a joined cluster when it starts)",
+                  file=sys.stderr)
+            return 2
+        try:
+            check_fits(deployment_demands(cfg), embedded_cluster_nodes(cfg))
+        except PlacementError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"{args.file}: valid: {summarize(cfg)}")
     return 0
 

@@ -75,7 +75,13 @@ class VerifierConfig:
     device: Device = _f("cpu", "device for the target model")
     dtype: DType = _f("float32", "target weights/activations dtype")
     max_batch_size: int = _f(8, "requests verified together in one forward pass", min=1)
-    max_seq_len: int = _f(1024, "prompt + generated tokens per request (KV cache size)", min=8)
+    max_seq_len: int | None = _f(
+        None, "prompt + generated tokens per request (KV cache size); default: the checkpoint's context "
+        "length (max_position_embeddings), lowered so max_batch_size requests fit kv_cache_mb", min=8
+    )
+    kv_cache_mb: float = _f(
+        4096, "memory budget of one group's KV cache; bounds the default max_seq_len", min=1
+    )
     resources: ResourcesConfig = _f(ResourcesConfig, "Ray resources for each TP rank")
 
 

@@ -100,8 +100,9 @@ class EngineBackend:
     @classmethod
     def from_config(cls, cfg) -> EngineBackend:
         """The in-process engine, router and info described by a ``SpecFleetConfig``."""
-        from specfleet.engine.builder import build_engine
+        from specfleet.engine.builder import build_engine, with_context_length
 
+        cfg = with_context_length(cfg)
         engine = build_engine(cfg)
         runner = engine.verifier.runner
         info = backend_info(cfg, vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len)

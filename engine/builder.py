@@ -44,14 +44,20 @@ def build_drafter(
 def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = None) -> Verifier:
     """The target's verifier; a ``TPVerifierGroup`` (this process is rank 0) when tp_size > 1."""
     from specfleet.models.llama_runner import LlamaRunner
-    from specfleet.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from specfleet.models.loading import (
+        generation_eos_ids,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model_path,
+    )
 
+    cfg = with_context_length(cfg)
     vcfg = verifier_cfg or cfg.verifier
     tokenizer = load_tokenizer(
         cfg.models.tokenizer or cfg.models.target,
         config_key="models.tokenizer" if cfg.models.tokenizer else "models.target",
     )
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    eos = generation_eos_ids(cfg.models.target, tokenizer)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
@@ -84,8 +90,25 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
     return Verifier(runner, eos_token_ids=eos, decode=decode)
 
 
+def with_context_length(cfg: SpecFleetConfig) -> SpecFleetConfig:
+    """``cfg`` with ``verifier.max_seq_len`` filled in from the checkpoint when unset.
+
+    Every start-up path calls this before sizing a KV cache, so drafters, verifiers
+    and the frontend's limits agree on one context length."""
+    if cfg.verifier.max_seq_len is not None:
+        return cfg
+    import dataclasses
+
+    from specfleet.models.loading import checkpoint_context_length
+
+    length = checkpoint_context_length(cfg.models.target, max_batch_size=cfg.verifier.max_batch_size,
+                                       kv_cache_mb=cfg.verifier.kv_cache_mb, dtype=cfg.verifier.dtype)
+    return dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, max_seq_len=length))
+
+
 def build_engine(cfg: SpecFleetConfig):
     """The whole in-process engine described by ``cfg``."""
+    cfg = with_context_length(cfg)
     from specfleet.engine.engine import SpecEngine
     from specfleet.policy.factory import build_policies
 

@@ -9,7 +9,8 @@ here runs per request.
 A model path (``models.target``, ``drafters[i].model`` in a config) is either a local
 Hugging Face checkpoint directory or ``<scheme>:<rest>`` for a registered resolver:
 ``zoo:<size>/<name>`` names a model of SpecFleet's own zoo, built into the cache on
-first use (see docs/zoo.md). Resolvers come from the ``specfleet.model_resolvers``
+first use (see docs/zoo.md). A path ending in ``.gguf`` names a llama.cpp GGUF file,
+converted once into a cached HF checkpoint (``models/gguf_import.py``). Resolvers come from the ``specfleet.model_resolvers``
 entry-point group (or ``register_resolver``), so this module never imports the zoo. Loading is always
 ``local_files_only``: these machines never download, and a typo should fail at once,
 naming the config key, instead of trying the Hub.
@@ -23,6 +24,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from specfleet.models.gguf_import import GGUFImportError, convert_gguf, is_gguf_path
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -32,7 +35,6 @@ logger = logging.getLogger(__name__)
 Resolver = Callable[..., Path]
 _RESOLVERS: dict[str, Resolver] = {}
 RESOLVER_GROUP = "specfleet.model_resolvers"
-
 
 
 class ModelPathError(FileNotFoundError):
@@ -77,6 +79,11 @@ def resolve_model_path(spec: str | Path, *, config_key: str = "model", build: bo
             path = Path(resolver(text, config_key=config_key, build=build))
         except ValueError as exc:
             raise ModelPathError(f"{config_key}: {exc}") from None
+    elif is_gguf_path(text):
+        try:
+            path = convert_gguf(text, config_key=config_key)
+        except GGUFImportError as exc:
+            raise ModelPathError(str(exc)) from None
     else:
         path = Path(text).expanduser()
     if not path.is_dir():
@@ -103,6 +110,46 @@ def load_causal_lm(spec: str | Path, *, device: str = "cpu", dtype: str = "float
     path = resolve_model_path(spec, config_key=config_key)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtypes[dtype])
     return model.to(torch.device(device)).eval()
+
+
+def checkpoint_context_length(spec: str | Path, *, max_batch_size: int, kv_cache_mb: float,
+                              dtype: str = "float32", config_key: str = "models.target") -> int:
+    """The longest prompt + output a request may hold by default: the checkpoint's
+    ``max_position_embeddings``, lowered until ``max_batch_size`` requests' KV cache
+    (keys and values of every layer, in ``dtype``) fits ``kv_cache_mb``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec, config_key=config_key),
+                                        local_files_only=True)
+    text = getattr(config, "text_config", None) or config
+    context = int(getattr(text, "max_position_embeddings", None) or 2048)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    itemsize = 4 if dtype == "float32" else 2
+    bytes_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * itemsize
+    fits = int(kv_cache_mb * 2**20 // (bytes_per_token * max_batch_size))
+    if fits < context:
+        logger.info("%s: context %d lowered to %d so %d requests' KV cache fits verifier.kv_cache_mb=%g",
+                    config_key, context, fits, max_batch_size, kv_cache_mb)
+    return max(8, min(context, fits))
+
+
+def generation_eos_ids(spec: str | Path, tokenizer: Any, *, config_key: str = "models.target") -> list[int]:
+    """Every id that ends generation: the checkpoint's ``generation_config.json``
+    ``eos_token_id`` (an int or a list — chat models often list several) and the
+    tokenizer's EOS, in that order, without repeats."""
+    ids: list[int] = []
+    path = resolve_model_path(spec, config_key=config_key, tokenizer_only=True)
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        import json
+
+        value = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids.extend(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def load_tokenizer(spec: str | Path, *, config_key: str = "tokenizer") -> PreTrainedTokenizerBase:

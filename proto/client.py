@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +138,16 @@ class ServerInfo:
 
 
 # ---- proto <-> dataclasses ------------------------------------------------------------------
+Message = Mapping[str, str]  # one chat turn: {"role": ..., "content": ...}
+
+
+def _is_chat(prompt) -> bool:
+    """A list of {role, content} turns rather than token ids."""
+    return isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], Mapping)
+
+
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[Message],
     *,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
@@ -174,6 +182,10 @@ def build_request(
         )
         if isinstance(prompt, str):
             request.text = prompt
+        elif _is_chat(prompt):
+            for turn in prompt:
+                request.chat.messages.add(role=str(turn["role"]), content=str(turn["content"]))
+            request.chat.SetInParent()
         else:
             request.token_ids.ids.extend(prompt)
             request.token_ids.SetInParent()  # an empty list is still "token ids", not "no prompt"
@@ -368,7 +380,7 @@ class Client(_Base):
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Message],
         *,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -382,7 +394,8 @@ class Client(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
-        """Generate a completion of ``prompt`` (text, or token ids of the target's vocabulary).
+        """Generate a completion of ``prompt`` (text, token ids of the target's vocabulary,
+        or chat messages — see ``chat``).
 
         ``max_new_tokens=None`` uses the server's default; ``temperature=0`` is greedy;
         ``stop``: strings that end generation (the text ends before them); ``drafter``:
@@ -396,9 +409,17 @@ class Client(_Base):
         )
         return result_from_proto(self._call(self._stub.Generate, request, timeout))
 
+    def chat(self, messages: Sequence[Message], **kwargs) -> GenerationResult:
+        """The assistant's reply to ``messages`` ({"role", "content"} dicts), rendered
+        server-side with the model's chat template; keyword arguments as ``generate``."""
+        if not _is_chat(messages):
+            raise SpecFleetError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "messages: a non-empty list of {'role', 'content'} dicts")
+        return self.generate(messages, **kwargs)
+
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Message],
         *,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -497,7 +518,7 @@ class AsyncClient(_Base):
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Message],
         *,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -519,9 +540,16 @@ class AsyncClient(_Base):
         )
         return result_from_proto(await self._call(self._stub.Generate, request, timeout))
 
+    async def chat(self, messages: Sequence[Message], **kwargs) -> GenerationResult:
+        """See ``Client.chat``."""
+        if not _is_chat(messages):
+            raise SpecFleetError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "messages: a non-empty list of {'role', 'content'} dicts")
+        return await self.generate(messages, **kwargs)
+
     async def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Message],
         *,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecfleet/proto/specfleet.proto\x12\x0cspecfleet.v1\"\x15\n\x13ListDraftersRequest\"#\n\x11\x41\x64\x64\x44rafterRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\"$\n\x14RemoveDrafterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x0b\x44rafterList\x12+\n\x08\x64rafters\x18\x01 \x03(\x0b\x32\x19.specfleet.v1.DrafterInfo\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"j\n\x12SpeculationOptions\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x1d\n\x10max_draft_length\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\tB\x13\n\x11_max_draft_length\"\xd7\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.specfleet.v1.TokenIdsH\x00\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .specfleet.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x35\n\x0bspeculation\x18\x05 \x01(\x0b\x32 .specfleet.v1.SpeculationOptionsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xde\x02\n\x10SpeculationStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12>\n\x08\x64rafters\x18\x05 \x03(\x0b\x32,.specfleet.v1.SpeculationStats.DraftersEntry\x12\x43\n\x0b\x61\x63\x63\x65pted_by\x18\x06 \x03(\x0b\x32..specfleet.v1.SpeculationStats.AcceptedByEntry\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\x1a/\n\rDraftersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0f\x41\x63\x63\x65ptedByEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"3\n\x07Timings\x12\x10\n\x08total_ns\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_token_ns\x18\x02 \x01(\x04\"\x91\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12-\n\x05stats\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.specfleet.v1.Timings\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8e\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12-\n\x05stats\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.specfleet.v1.Timings\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\r\n\x0bInfoRequest\"9\n\x0b\x44rafterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\"C\n\x11VerifierGroupInfo\x12\x0f\n\x07tp_size\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x91\x01\n\x06Limits\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x03 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\"\xea\x01\n\x0cInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12+\n\x08\x64rafters\x18\x04 \x03(\x0b\x32\x19.specfleet.v1.DrafterInfo\x12\x38\n\x0fverifier_groups\x18\x05 \x03(\x0b\x32\x1f.specfleet.v1.VerifierGroupInfo\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.specfleet.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe5\x01\n\tSpecFleet\x12I\n\x08Generate\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1e.specfleet.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1b.specfleet.v1.GenerateChunk0\x01\x12=\n\x04Info\x12\x19.specfleet.v1.InfoRequest\x1a\x1a.specfleet.v1.InfoResponse2\xf8\x01\n\x0eSpecFleetAdmin\x12L\n\x0cListDrafters\x12!.specfleet.v1.ListDraftersRequest\x1a\x19.specfleet.v1.DrafterList\x12H\n\nAddDrafter\x12\x1f.specfleet.v1.AddDrafterRequest\x1a\x19.specfleet.v1.DrafterList\x12N\n\rRemoveDrafter\x12\".specfleet.v1.RemoveDrafterRequest\x1a\x19.specfleet.v1.DrafterListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecfleet/proto/specfleet.proto\x12\x0cspecfleet.v1\"\x15\n\x13ListDraftersRequest\"#\n\x11\x41\x64\x64\x44rafterRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\"$\n\x14RemoveDrafterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x0b\x44rafterList\x12+\n\x08\x64rafters\x18\x01 \x03(\x0b\x32\x19.specfleet.v1.DrafterInfo\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"j\n\x12SpeculationOptions\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x1d\n\x10max_draft_length\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\tB\x13\n\x11_max_draft_length\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specfleet.v1.ChatMessage\"\x83\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.specfleet.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x1a.specfleet.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .specfleet.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x35\n\x0bspeculation\x18\x05 \x01(\x0b\x32 .specfleet.v1.SpeculationOptionsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xde\x02\n\x10SpeculationStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12>\n\x08\x64rafters\x18\x05 \x03(\x0b\x32,.specfleet.v1.SpeculationStats.DraftersEntry\x12\x43\n\x0b\x61\x63\x63\x65pted_by\x18\x06 \x03(\x0b\x32..specfleet.v1.SpeculationStats.AcceptedByEntry\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\x1a/\n\rDraftersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0f\x41\x63\x63\x65ptedByEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"3\n\x07Timings\x12\x10\n\x08total_ns\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_token_ns\x18\x02 \x01(\x04\"\x91\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12-\n\x05stats\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.specfleet.v1.Timings\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8e\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12-\n\x05stats\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.specfleet.v1.Timings\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\r\n\x0bInfoRequest\"9\n\x0b\x44rafterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\"C\n\x11VerifierGroupInfo\x12\x0f\n\x07tp_size\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x91\x01\n\x06Limits\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x03 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\"\xea\x01\n\x0cInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12+\n\x08\x64rafters\x18\x04 \x03(\x0b\x32\x19.specfleet.v1.DrafterInfo\x12\x38\n\x0fverifier_groups\x18\x05 \x03(\x0b\x32\x1f.specfleet.v1.VerifierGroupInfo\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.specfleet.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe5\x01\n\tSpecFleet\x12I\n\x08Generate\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1e.specfleet.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1b.specfleet.v1.GenerateChunk0\x01\x12=\n\x04Info\x12\x19.specfleet.v1.InfoRequest\x1a\x1a.specfleet.v1.InfoResponse2\xf8\x01\n\x0eSpecFleetAdmin\x12L\n\x0cListDrafters\x12!.specfleet.v1.ListDraftersRequest\x1a\x19.specfleet.v1.DrafterList\x12H\n\nAddDrafter\x12\x1f.specfleet.v1.AddDrafterRequest\x1a\x19.specfleet.v1.DrafterList\x12N\n\rRemoveDrafter\x12\".specfleet.v1.RemoveDrafterRequest\x1a\x19.specfleet.v1.DrafterListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIONSTATS_DRAFTERSENTRY']._serialized_options = b'8\001'
   _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._loaded_options = None
   _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2280
-  _globals['_FINISHREASON']._serialized_end=2427
+  _globals['_FINISHREASON']._serialized_start=2431
+  _globals['_FINISHREASON']._serialized_end=2578
   _globals['_LISTDRAFTERSREQUEST']._serialized_start=49
   _globals['_LISTDRAFTERSREQUEST']._serialized_end=70
   _globals['_ADDDRAFTERREQUEST']._serialized_start=72
@@ -51,34 +51,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS']._serialized_end=409
   _globals['_SPECULATIONOPTIONS']._serialized_start=411
   _globals['_SPECULATIONOPTIONS']._serialized_end=517
-  _globals['_GENERATEREQUEST']._serialized_start=520
-  _globals['_GENERATEREQUEST']._serialized_end=735
-  _globals['_USAGE']._serialized_start=737
-  _globals['_USAGE']._serialized_end=794
-  _globals['_SPECULATIONSTATS']._serialized_start=797
-  _globals['_SPECULATIONSTATS']._serialized_end=1147
-  _globals['_SPECULATIONSTATS_DRAFTERSENTRY']._serialized_start=1049
-  _globals['_SPECULATIONSTATS_DRAFTERSENTRY']._serialized_end=1096
-  _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._serialized_start=1098
-  _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._serialized_end=1147
-  _globals['_TIMINGS']._serialized_start=1149
-  _globals['_TIMINGS']._serialized_end=1200
-  _globals['_GENERATERESPONSE']._serialized_start=1203
-  _globals['_GENERATERESPONSE']._serialized_end=1476
-  _globals['_GENERATECHUNK']._serialized_start=1479
-  _globals['_GENERATECHUNK']._serialized_end=1749
-  _globals['_INFOREQUEST']._serialized_start=1751
-  _globals['_INFOREQUEST']._serialized_end=1764
-  _globals['_DRAFTERINFO']._serialized_start=1766
-  _globals['_DRAFTERINFO']._serialized_end=1823
-  _globals['_VERIFIERGROUPINFO']._serialized_start=1825
-  _globals['_VERIFIERGROUPINFO']._serialized_end=1892
-  _globals['_LIMITS']._serialized_start=1895
-  _globals['_LIMITS']._serialized_end=2040
-  _globals['_INFORESPONSE']._serialized_start=2043
-  _globals['_INFORESPONSE']._serialized_end=2277
-  _globals['_SPECFLEET']._serialized_start=2430
-  _globals['_SPECFLEET']._serialized_end=2659
-  _globals['_SPECFLEETADMIN']._serialized_start=2662
-  _globals['_SPECFLEETADMIN']._serialized_end=2910
+  _globals['_CHATMESSAGE']._serialized_start=519
+  _globals['_CHATMESSAGE']._serialized_end=563
+  _globals['_CHATMESSAGES']._serialized_start=565
+  _globals['_CHATMESSAGES']._serialized_end=624
+  _globals['_GENERATEREQUEST']._serialized_start=627
+  _globals['_GENERATEREQUEST']._serialized_end=886
+  _globals['_USAGE']._serialized_start=888
+  _globals['_USAGE']._serialized_end=945
+  _globals['_SPECULATIONSTATS']._serialized_start=948
+  _globals['_SPECULATIONSTATS']._serialized_end=1298
+  _globals['_SPECULATIONSTATS_DRAFTERSENTRY']._serialized_start=1200
+  _globals['_SPECULATIONSTATS_DRAFTERSENTRY']._serialized_end=1247
+  _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._serialized_start=1249
+  _globals['_SPECULATIONSTATS_ACCEPTEDBYENTRY']._serialized_end=1298
+  _globals['_TIMINGS']._serialized_start=1300
+  _globals['_TIMINGS']._serialized_end=1351
+  _globals['_GENERATERESPONSE']._serialized_start=1354
+  _globals['_GENERATERESPONSE']._serialized_end=1627
+  _globals['_GENERATECHUNK']._serialized_start=1630
+  _globals['_GENERATECHUNK']._serialized_end=1900
+  _globals['_INFOREQUEST']._serialized_start=1902
+  _globals['_INFOREQUEST']._serialized_end=1915
+  _globals['_DRAFTERINFO']._serialized_start=1917
+  _globals['_DRAFTERINFO']._serialized_end=1974
+  _globals['_VERIFIERGROUPINFO']._serialized_start=1976
+  _globals['_VERIFIERGROUPINFO']._serialized_end=2043
+  _globals['_LIMITS']._serialized_start=2046
+  _globals['_LIMITS']._serialized_end=2191
+  _globals['_INFORESPONSE']._serialized_start=2194
+  _globals['_INFORESPONSE']._serialized_end=2428
+  _globals['_SPECFLEET']._serialized_start=2581
+  _globals['_SPECFLEET']._serialized_end=2810
+  _globals['_SPECFLEETADMIN']._serialized_start=2813
+  _globals['_SPECFLEETADMIN']._serialized_end=3061
 # @@protoc_insertion_point(module_scope)

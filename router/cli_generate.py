@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate a completion from a running SpecFleet server",
         description="Send PROMPT to a SpecFleet server and print the completion.",
     )
-    p.add_argument("prompt", help="prompt text")
+    p.add_argument("prompt", help="prompt text (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user message, rendered with the model's chat template")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system message before the user's")
     p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="server address (default: 127.0.0.1:50051)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -84,13 +88,20 @@ def _generate(args) -> int:
         speculate=not args.no_speculation, max_draft_length=args.max_draft_length,
         timeout=args.timeout,
     )
+    prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    elif args.system:
+        print("error: --system needs --chat", file=sys.stderr)
+        return EXIT_INVALID
     partial_line = [False]  # streamed text is on stdout without its final newline
     try:
         with Client(args.server, token=args.token) as client:
             if args.stream:
-                _print_stream(client.stream(args.prompt, **params), args.json, partial_line)
+                _print_stream(client.stream(prompt, **params), args.json, partial_line)
             else:
-                result = client.generate(args.prompt, **params)
+                result = client.generate(prompt, **params)
                 if args.json:
                     print(json.dumps(dataclasses.asdict(result)))
                 else:

@@ -42,6 +42,7 @@ from specfleet.core.stats import RequestStats
 from specfleet.core.types import FinishReason, SamplingParams
 from specfleet.proto import specfleet_pb2 as pb
 from specfleet.proto import specfleet_pb2_grpc as pb_grpc
+from specfleet.router.chat import render_chat
 from specfleet.router.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ MAX_STOP_SEQUENCES = 16  # stop strings per request (each is matched every round
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_NAME_CHARS = 128  # drafter names, and how much of a bad value an error echoes
 PARSE_ALWAYS_BYTES = 256 * 1024  # bodies up to this size are always parsed (~6 ms at most)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """A text prompt's ids. A text that already starts with the tokenizer's BOS string
+    (copied from a chat template, say) is encoded without the automatic special tokens,
+    so it never starts with two BOS tokens."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
 
 
 def longest_token_chars(tokenizer) -> int | None:
@@ -389,9 +400,9 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                 raise invalid(f"prompt.text: {len(text)} characters cannot fit the context of "
                               f"{context} tokens (at most {self._max_text_chars} characters)")
             if len(text) > INLINE_TOKENIZE_CHARS:  # keep the event loop (other streams) moving
-                ids = list(await asyncio.to_thread(self.tokenizer.encode, text))
+                ids = await asyncio.to_thread(encode_text, self.tokenizer, text)
             else:
-                ids = list(self.tokenizer.encode(text))
+                ids = encode_text(self.tokenizer, text)
             if not ids:
                 raise invalid("prompt.text: tokenizes to no tokens")
             check_fits(len(ids))
@@ -410,7 +421,30 @@ class SpecFleetServicer(pb_grpc.SpecFleetServicer):
                         f"vocabulary [0, {vocab})"
                     )
             return ids
-        raise invalid("prompt: must not be empty (set text or token_ids)")
+        if kind == "chat":
+            ids = await self._chat_prompt(request.chat.messages)
+            check_fits(len(ids))
+            return ids
+        raise invalid("prompt: must not be empty (set text, token_ids or chat)")
+
+    async def _chat_prompt(self, messages) -> list[int]:
+        if not messages:
+            raise invalid("prompt.chat.messages: must not be empty")
+        chars = sum(len(m.content) + len(m.role) for m in messages)
+        if self._max_text_chars is not None and chars > self._max_text_chars:
+            raise invalid(f"prompt.chat: {chars} characters cannot fit the context of "
+                          f"{self._info.max_seq_len} tokens")
+        for i, m in enumerate(messages):
+            if not m.role:
+                raise invalid(f"prompt.chat.messages[{i}].role: must not be empty")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:  # a template renders on a worker thread: long conversations must not stall the loop
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, turns)
+        except ValueError as exc:  # NoChatTemplate, or the template refused the messages
+            raise invalid(f"prompt.chat: {_clip(str(exc))}") from None
+        if not ids:
+            raise invalid("prompt.chat: renders to no tokens")
+        return ids
 
     def _sampling(self, msg: pb.SamplingParameters) -> SamplingParams:
         limit = self.config.max_new_tokens_limit

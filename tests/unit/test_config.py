@@ -133,7 +133,8 @@ def test_cli_show_prints_resolved_yaml(tmp_path):
     result = run_cli("config", "show", str(write(tmp_path, MINIMAL)))
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
-    assert shown["verifier"]["max_seq_len"] == 1024
+    assert shown["verifier"]["max_seq_len"] is None  # from the checkpoint at start-up
+    assert shown["verifier"]["kv_cache_mb"] == 4096
     # what `show` prints is itself a valid config that loads to the same thing
     assert load_config(write(tmp_path, result.stdout)) == load_config(write(tmp_path, MINIMAL))
 
