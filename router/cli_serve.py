@@ -57,6 +57,17 @@ def _serve(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.backend == "ray" and (args.address or cfg.cluster.address) == "local":
+        # The embedded cluster is known before it starts: refuse a deployment that
+        # cannot fit it now, instead of Ray waiting for resources that never come.
+        from specfleet.cluster.placement_check import PlacementError, check_fits, deployment_demands
+        from specfleet.cluster.placement_check import embedded_cluster_nodes
+
+        try:
+            check_fits(deployment_demands(cfg), embedded_cluster_nodes(cfg))
+        except PlacementError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         code = asyncio.run(_run(cfg, args))
     except (OSError, ValueError, RuntimeError) as exc:  # port, model path, TLS files, Ray start
@@ -69,6 +80,17 @@ def _serve(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _stop_ray() -> None:
+    """Best effort: tear down the Ray this process started (its actors with it)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # interrupted mid-deploy: whatever state Ray is in, leave
+        logger.debug("ray.shutdown after an interrupted deploy failed", exc_info=True)
 
 
 async def _run(cfg, args) -> int:
@@ -85,8 +107,17 @@ async def _run(cfg, args) -> int:
             loop.add_signal_handler(sig, stop.set)
 
     take_signals()
-    # Deploying loads every model (in its actor): seconds to minutes, off the event loop.
-    backend = await asyncio.to_thread(make_backend, cfg, args.backend, args.address)
+    # Deploying loads every model (in its actor): seconds to minutes, off the event loop,
+    # and a SIGINT/SIGTERM meanwhile stops it instead of waiting for it.
+    deploy = asyncio.ensure_future(asyncio.to_thread(make_backend, cfg, args.backend, args.address))
+    interrupted = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({deploy, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    if not deploy.done():
+        print("specfleet: interrupted while deploying; stopping", file=sys.stderr, flush=True)
+        _stop_ray()
+        return 130
+    interrupted.cancel()
+    backend = deploy.result()
     # ray.init installs Ray's C++ failure-signal handler for SIGTERM, which dumps a
     # stack and then dies by the default action (exit 143, actors left behind). Take
     # the signals back so SIGTERM drains and releases everything.

@@ -83,8 +83,12 @@ def server(smollm2):
 
 
 def test_conversion_is_cached_and_plain(smollm2):
-    from specfleet.models.loading import checkpoint_context_length, generation_eos_ids, load_tokenizer
-    from specfleet.models.loading import resolve_model_path
+    from specfleet.models.loading import (
+        checkpoint_context_length,
+        generation_eos_ids,
+        load_tokenizer,
+        resolve_model_path,
+    )
 
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
