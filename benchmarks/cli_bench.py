@@ -16,11 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="speculative vs autoregressive vs Hugging Face (assisted) generation, in one process",
     )
     engine.add_argument("--zoo", default="small", choices=["tiny", "small"], help="zoo size (default: small)")
-    engine.add_argument("--target", default="target-xl", choices=["target", "target-xl"],
-                        help="target model of the zoo (default: target-xl, the cost-realistic one)")
+    engine.add_argument("--target", default="target-xl", metavar="MODEL",
+                        help="target: a zoo model (target, target-xl: the cost-realistic one, the "
+                             "default) or any checkpoint — an HF directory, a .gguf file, pkg:<module>/<file>")
     engine.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default: 3)")
-    engine.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default: 64)")
-    engine.add_argument("--prompts", type=int, default=3, help="held-out prompts per domain (default: 3)")
+    engine.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per generation (default: 64 on the zoo, 128 on a checkpoint)")
+    engine.add_argument("--prompts", default=None, metavar="N|FILE",
+                        help="zoo: held-out prompts per domain (default: 3); checkpoint: a JSONL file of "
+                             "{kind, messages|prompt} (default: benchmarks/prompts/chat_heldout.jsonl)")
+    engine.add_argument("--drafter", nargs="+", default=None, metavar="D",
+                        help="checkpoint: drafters to time: ngram, suffix, NAME=PATH (default: ngram suffix)")
     engine.add_argument("--draft-length", type=int, default=4, help="fixed window γ (default: 4)")
     engine.add_argument("--batch-size", type=int, default=8,
                         help="batch for the throughput comparison; 1 skips it (default: 8)")
@@ -63,16 +69,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     val.set_defaults(handler=_sim_validate)
 
 
+def _checkpoint_engine(args) -> int:
+    from specfleet.benchmarks.checkpoint_bench import (
+        DEFAULT_PROMPTS,
+        CheckpointBenchSettings,
+        format_checkpoint_table,
+        run_checkpoint_bench,
+    )
+
+    settings = CheckpointBenchSettings(
+        target=args.target, drafters=args.drafter or ["ngram", "suffix"],
+        prompts=args.prompts or str(DEFAULT_PROMPTS), runs=args.runs,
+        max_new_tokens=args.max_new_tokens or 128, draft_length=args.draft_length, threads=args.threads,
+    )
+    try:
+        report = run_checkpoint_bench(settings)
+    except (OSError, ValueError) as exc:  # a bad path, prompts file or drafter
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"target: {settings.target}; machine: {report['machine']}")
+    print(format_checkpoint_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def _engine(args) -> int:
     from specfleet.benchmarks.engine_bench import BenchSettings, format_table, run
 
-    for name in ("runs", "max_new_tokens", "prompts", "draft_length", "batch_size", "threads"):
+    for name in ("runs", "max_new_tokens", "draft_length", "batch_size", "threads"):
+        if (getattr(args, name) or 1) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if args.target not in ("target", "target-xl"):
+        return _checkpoint_engine(args)
+    if args.drafter:
+        print("error: --drafter is for a checkpoint --target; the zoo bench times every zoo drafter",
+              file=sys.stderr)
+        return 2
+    try:
+        per_domain = int(args.prompts or 3)
+    except ValueError:
+        print("error: --prompts with a zoo target is a count per domain", file=sys.stderr)
+        return 2
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     settings = BenchSettings(
-        zoo=args.zoo, target=args.target, runs=args.runs, max_new_tokens=args.max_new_tokens,
-        prompts_per_domain=args.prompts, draft_length=args.draft_length,
+        zoo=args.zoo, target=args.target, runs=args.runs, max_new_tokens=args.max_new_tokens or 64,
+        prompts_per_domain=per_domain, draft_length=args.draft_length,
         batch_size=args.batch_size, threads=args.threads,
     )
     report = run(settings)

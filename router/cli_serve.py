@@ -60,8 +60,12 @@ def _serve(args) -> int:
     if args.backend == "ray" and (args.address or cfg.cluster.address) == "local":
         # The embedded cluster is known before it starts: refuse a deployment that
         # cannot fit it now, instead of Ray waiting for resources that never come.
-        from specfleet.cluster.placement_check import PlacementError, check_fits, deployment_demands
-        from specfleet.cluster.placement_check import embedded_cluster_nodes
+        from specfleet.cluster.placement_check import (
+            PlacementError,
+            check_fits,
+            deployment_demands,
+            embedded_cluster_nodes,
+        )
 
         try:
             check_fits(deployment_demands(cfg), embedded_cluster_nodes(cfg))
