@@ -11,7 +11,8 @@ checkpoint's EOS (or ``max_new_tokens``):
 - ``hf-prompt-lookup``: HF prompt-lookup decoding (``prompt_lookup_num_tokens`` = the
   window, and 10, HF's documented example; the faster of the two is the baseline);
 - ``ours:<drafter>``: our engine with each drafter (``ngram``, ``suffix``, or
-  ``NAME=PATH`` of a model drafter sharing the target's tokenizer) at a fixed window.
+  ``early_exit:K``: the target's own first K layers, or ``NAME=PATH`` of a model
+  drafter sharing the target's tokenizer) at a fixed window.
 
 Prompts come from a JSONL file, one ``{"kind": ..., "messages": [...]}`` (rendered
 with the checkpoint's chat template) or ``{"kind": ..., "prompt": "..."}`` per line;
@@ -86,15 +87,22 @@ class CheckpointBench:
         self.max_seq_len = max(len(p) for _, p in self.prompts) + s.max_new_tokens + 16
         self.params = SamplingParams(max_new_tokens=s.max_new_tokens)
         self.model_drafters = {}
+        self.early_exit: dict[str, int] = {}
         for spec in s.drafters:
-            if "=" in spec:
+            if spec.startswith("early_exit:"):
+                k = int(spec.split(":", 1)[1])
+                if not 0 < k < self.target_hf.config.num_hidden_layers:
+                    raise ValueError(f"--drafter {spec}: the exit layer must be in [1, "
+                                     f"{self.target_hf.config.num_hidden_layers})")
+                self.early_exit[f"early_exit_{k}"] = k
+            elif "=" in spec:
                 name, path = spec.split("=", 1)
                 from specfleet.models.loading import check_same_vocabulary
 
                 check_same_vocabulary(self.tokenizer, path, name)
                 self.model_drafters[name] = load_causal_lm(path, config_key=f"--drafter {name}")
             elif spec not in ("ngram", "suffix"):
-                raise ValueError(f"--drafter: {spec!r} is not ngram, suffix or NAME=PATH")
+                raise ValueError(f"--drafter: {spec!r} is not ngram, suffix, early_exit:K or NAME=PATH")
         self.reference: dict[int, list[int]] = {}
 
     def _engine(self):
@@ -110,10 +118,14 @@ class CheckpointBench:
         drafters = {"ngram": NgramDrafter(name="ngram"), "suffix": SuffixTreeDrafter(name="suffix")}
         for name, model in self.model_drafters.items():
             drafters[name] = ModelDrafter(LlamaRunner(model, max_slots=1, max_seq_len=self.max_seq_len), name=name)
+        for name, k in self.early_exit.items():  # the target's first k layers, its weights shared
+            drafters[name] = ModelDrafter(LlamaRunner(self.target_hf, max_slots=1, max_seq_len=self.max_seq_len,
+                                                      num_layers=k), name=name)
         return SpecEngine(verifier, drafters, draft_policy=FixedDraftLength(self.s.draft_length), max_batch_size=1)
 
     def methods(self) -> list[str]:
-        names = [d.split("=", 1)[0] for d in self.s.drafters]
+        names = [f"early_exit_{d.split(':', 1)[1]}" if d.startswith("early_exit:") else d.split("=", 1)[0]
+                 for d in self.s.drafters]
         pld = ["hf-prompt-lookup"] if self.s.draft_length == HF_PLD_TOKENS else [
             "hf-prompt-lookup", f"hf-prompt-lookup-{HF_PLD_TOKENS}"]
         return ["ours-ar", "hf-greedy", *pld, *(f"ours:{n}" for n in names)]

@@ -17,7 +17,7 @@ from typing import Literal
 
 from specfleet.core.typed_yaml import ConfigError, load_yaml_file
 
-DrafterKind = Literal["model", "ngram", "suffix"]
+DrafterKind = Literal["model", "ngram", "suffix", "early_exit"]
 Domain = Literal["general", "code", "prose", "data"]
 Device = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -55,17 +55,26 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class DrafterConfig:
     name: str = _required("unique drafter name (used by routing and stats)")
-    kind: DrafterKind = _required("model: a small LM; ngram: prompt lookup; suffix: suffix tree")
+    kind: DrafterKind = _required(
+        "model: a small LM; ngram: prompt lookup; suffix: suffix tree; early_exit: the target's own "
+        "first exit_layer layers + its final norm and LM head (self-speculation, no second model)"
+    )
     model: str | None = _f(None, "checkpoint for kind=model: local directory or zoo:<size>/<name>")
     domain: Domain = _f("general", "the request domain this drafter specialises in")
     max_draft_tokens: int = _f(8, "longest proposal this drafter makes", min=1)
+    exit_layer: int | None = _f(
+        None, "early_exit: how many of the target's layers the drafter runs; default: a quarter", min=1
+    )
     resources: ResourcesConfig = _f(ResourcesConfig, "Ray resources for this drafter's actor")
 
     def __post_init__(self):
         if self.kind == "model" and not self.model:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a 'model' path")
         if self.kind != "model" and self.model:
-            raise ValueError(f"drafter {self.name!r}: 'model' is only for kind 'model'")
+            raise ValueError(f"drafter {self.name!r}: 'model' is only for kind 'model' "
+                             "(an early_exit drafter is cut from models.target)")
+        if self.kind != "early_exit" and self.exit_layer is not None:
+            raise ValueError(f"drafter {self.name!r}: 'exit_layer' is only for kind 'early_exit'")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,14 @@ logger = logging.getLogger(__name__)
 
 
 def build_drafter(
-    cfg: DrafterConfig, *, target: str, max_slots: int, max_seq_len: int, device: str = "cpu"
+    cfg: DrafterConfig, *, target: str, max_slots: int, max_seq_len: int, device: str = "cpu",
+    target_model=None, target_dtype: str = "float32",
 ) -> Drafter:
-    """One drafter from its config; model drafters are checked against the target's vocabulary."""
+    """One drafter from its config; model drafters are checked against the target's vocabulary.
+
+    An ``early_exit`` drafter runs the target's first layers: on ``target_model`` (the
+    verifier's loaded HF model, in ``target_dtype``) when given — one copy of the
+    weights in memory — else on its own load of ``target`` (its own actor)."""
     if cfg.kind == "ngram":
         from specfleet.drafters.ngram import NgramDrafter
 
@@ -33,6 +38,18 @@ def build_drafter(
     from specfleet.models.llama_runner import LlamaRunner
     from specfleet.models.loading import check_same_vocabulary, load_causal_lm, resolve_model_path
 
+    if cfg.kind == "early_exit":
+        model = target_model if target_model is not None else load_causal_lm(
+            target, device=device, dtype=target_dtype, config_key="models.target")
+        total = model.config.num_hidden_layers
+        k = cfg.exit_layer or max(1, total // 4)
+        if k >= total:
+            raise ValueError(f"drafters[{cfg.name}].exit_layer: {k} must be below the target's "
+                             f"{total} layers")
+        runner = LlamaRunner(model, max_slots=max_slots, max_seq_len=max_seq_len, device=device,
+                             dtype=target_dtype, num_layers=k)
+        return ModelDrafter(runner, name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
+
     key = f"drafters[{cfg.name}].model"
     path = resolve_model_path(cfg.model, config_key=key)
     check_same_vocabulary(resolve_model_path(target, config_key="models.target"), path, cfg.name)
@@ -41,8 +58,10 @@ def build_drafter(
     return ModelDrafter(runner, name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
 
 
-def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = None) -> Verifier:
-    """The target's verifier; a ``TPVerifierGroup`` (this process is rank 0) when tp_size > 1."""
+def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = None, *,
+                   model=None) -> Verifier:
+    """The target's verifier; a ``TPVerifierGroup`` (this process is rank 0) when tp_size > 1.
+    ``model``: the target already loaded (shared with an early-exit drafter)."""
     from specfleet.models.llama_runner import LlamaRunner
     from specfleet.models.loading import (
         generation_eos_ids,
@@ -77,9 +96,10 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
             eos_token_ids=eos,
             decode=decode,
         )
-    model = load_causal_lm(
-        cfg.models.target, device=vcfg.device, dtype=vcfg.dtype, config_key="models.target"
-    )
+    if model is None:
+        model = load_causal_lm(
+            cfg.models.target, device=vcfg.device, dtype=vcfg.dtype, config_key="models.target"
+        )
     runner = LlamaRunner(
         model,
         max_slots=vcfg.max_batch_size,
@@ -112,8 +132,15 @@ def build_engine(cfg: SpecFleetConfig):
     from specfleet.engine.engine import SpecEngine
     from specfleet.policy.factory import build_policies
 
+    from specfleet.models.loading import load_causal_lm
+
+    # An early-exit drafter runs on the first group's copy of the target (one set of weights).
+    shared = None
+    if cfg.verifier.tp_size == 1 and any(d.kind == "early_exit" for d in cfg.drafters):
+        shared = load_causal_lm(cfg.models.target, device=cfg.verifier.device, dtype=cfg.verifier.dtype,
+                                config_key="models.target")
     # verifier.count groups: each its own copy of the target, requests spread over them.
-    verifiers = [build_verifier(cfg) for _ in range(cfg.verifier.count)]
+    verifiers = [build_verifier(cfg, model=shared if g == 0 else None) for g in range(cfg.verifier.count)]
     verifier = verifiers[0]
     drafters = {
         d.name: build_drafter(
@@ -122,6 +149,8 @@ def build_engine(cfg: SpecFleetConfig):
             max_slots=cfg.verifier.max_batch_size * cfg.verifier.count,
             max_seq_len=cfg.verifier.max_seq_len,
             device=cfg.verifier.device,
+            target_model=shared,
+            target_dtype=cfg.verifier.dtype,
         )
         for d in cfg.drafters
     }

@@ -111,9 +111,13 @@ class LlamaRunner:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         tp_group: TPGroup | None = None,
+        num_layers: int | None = None,
     ):
         """``tp_group``: this rank's tensor-parallel group (None or size 1: unsharded).
-        Every rank of the group must make the same sequence of calls (see module doc)."""
+        Every rank of the group must make the same sequence of calls (see module doc).
+        ``num_layers``: run only the first k decoder layers, then the final norm and LM
+        head — an early-exit copy of the model (a self-speculative drafter) that shares
+        its weight tensors and has its own KV cache for those layers."""
         cfg = model.config
         check_supported(cfg, max_seq_len)
         tp_size = 1 if tp_group is None else tp_group.size()
@@ -147,7 +151,7 @@ class LlamaRunner:
             self.embed = inner.embed_tokens.weight
             self.final_norm = inner.norm.weight
             self.lm_head = model.lm_head.weight
-            self.layers = [self._extract_layer(layer) for layer in inner.layers]
+            self.layers = [self._extract_layer(layer) for layer in inner.layers[:num_layers]]
         else:
             # Slice before moving, so a rank never holds the whole model on its device.
             def move(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,7 @@ class LlamaRunner:
             self.lm_head = move(model.lm_head.weight)
             self.layers = [
                 shard_layer(self._extract_layer(layer), self.tp_rank, tp_size, move)
-                for layer in inner.layers
+                for layer in inner.layers[:num_layers]
             ]
         shape = (max_slots, max_seq_len, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]

@@ -98,7 +98,23 @@ class OracleTreeDrafter(Drafter):
         self.seq.pop(request_id, None)
 
 
-@pytest.mark.parametrize("drafter_kind", ["self", "random", "none", "tree", "ngram", "suffix"])
+def test_early_exit_runner_is_the_truncated_target(target):
+    """num_layers=k computes exactly a k-layer model with the target's weights."""
+    from specfleet.models.llama_runner import ForwardItem
+
+    shallow = LlamaForCausalLM(LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": 1})).eval()
+    shallow.load_state_dict({k: v for k, v in target.state_dict().items() if ".layers.1." not in k})
+    runner = LlamaRunner(target, max_slots=1, max_seq_len=64, num_layers=1)
+    assert len(runner.layers) == 1 and runner.embed.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+    runner.allocate("r")
+    prompt = PROMPTS[0]
+    (logits,) = runner.forward([ForwardItem("r", prompt, logit_rows=list(range(len(prompt))))])
+    with torch.no_grad():
+        expected = shallow(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("drafter_kind", ["self", "random", "none", "tree", "ngram", "suffix", "early_exit"])
 def test_greedy_batch_equals_hf_generate(target, drafter_kind):
     expected = [hf_greedy(target, p, 24) for p in PROMPTS]
     drafters = {
@@ -108,6 +124,9 @@ def test_greedy_batch_equals_hf_generate(target, drafter_kind):
         "tree": {"d": OracleTreeDrafter({tuple(p): e for p, e in zip(PROMPTS, expected)})},
         "ngram": {"d": NgramDrafter(name="d")},
         "suffix": {"d": SuffixTreeDrafter(name="d", tree_width=2)},
+        # the target's own first layer + final norm + LM head, on the target's weights
+        "early_exit": {"d": ModelDrafter(LlamaRunner(target, max_slots=32, max_seq_len=220, num_layers=1),
+                                         name="d")},
     }[drafter_kind]
     engine = make_engine(target, drafters)
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24),
