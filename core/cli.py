@@ -17,6 +17,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "specfleet.core.cli_config",
     "specfleet.zoo.cli_zoo",
+    "specfleet.zoo.cli_distill",
     "specfleet.benchmarks.cli_bench",
     "specfleet.benchmarks.cli_profile",
     "specfleet.sim.cli_sim",
