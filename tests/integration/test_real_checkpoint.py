@@ -108,7 +108,7 @@ def test_info_reports_the_checkpoints_context(server):
     assert info.vocab_size == 49152
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "suffix", None])
+@pytest.mark.parametrize("drafter", ["ngram", "suffix", "early", None])
 def test_chat_greedy_is_the_checkpoints_own(server, reference, drafter):
     from specfleet.client import Client
 
