@@ -68,12 +68,16 @@ def reference(smollm2):
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    from specfleet.core.config import load_config
+    from specfleet.core.config import DrafterConfig, load_config
     from specfleet.router.server import ServerThread, load_tokenizer, make_backend
 
     cfg = load_config(REPO / "configs" / "smollm2.yaml")
     # a smaller KV budget than the default: the test needs short contexts only
     cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, kv_cache_mb=256))
+    # the target's own first 8 layers as a drafter (not deployed by the config: it is
+    # rarely accepted on this model, but it must be exact)
+    early = DrafterConfig(name="early", kind="early_exit", exit_layer=8)
+    cfg = dataclasses.replace(cfg, drafters=[*cfg.drafters, early])
     backend = make_backend(cfg, "inprocess")
     try:
         with ServerThread(backend, load_tokenizer(cfg), cfg.server, port=0, http_port=0, metrics_port=0) as srv:
