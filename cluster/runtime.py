@@ -30,9 +30,9 @@ from specfleet.cluster.actors import (
 )
 from specfleet.cluster.executor import RayExecutor
 from specfleet.cluster.handles import DrafterHandle, VerifierHandle
-from specfleet.cluster.placement_check import check_fits, deployment_demands, live_cluster_nodes
 from specfleet.cluster.supervisor import RestartBudget
 from specfleet.core.config import ClusterConfig, DrafterConfig, SpecFleetConfig
+from specfleet.core.placement import check_fits, deployment_demands
 from specfleet.core.serving import BackendInfo
 from specfleet.engine.backend import EngineBackend, backend_info
 from specfleet.engine.driver import EngineDriver
@@ -62,6 +62,14 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> bool:
         return True
     ray.init(address=address, configure_logging=False)
     return False
+
+
+def live_cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of every alive node of the Ray this process is connected to."""
+    import ray
+
+    return [{k: float(v) for k, v in n.get("Resources", {}).items() if not k.startswith("node:")}
+            for n in ray.nodes() if n.get("Alive")]
 
 
 # Ray's switch for single-machine mode (its default on macOS/Windows): node IP 127.0.0.1.

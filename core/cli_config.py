@@ -40,7 +40,7 @@ def _validate(args) -> int:
     if cfg is None:
         return 2
     if args.cluster:
-        from specfleet.cluster.placement_check import (
+        from specfleet.core.placement import (
             PlacementError,
             check_fits,
             deployment_demands,

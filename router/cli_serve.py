@@ -60,7 +60,7 @@ def _serve(args) -> int:
     if args.backend == "ray" and (args.address or cfg.cluster.address) == "local":
         # The embedded cluster is known before it starts: refuse a deployment that
         # cannot fit it now, instead of Ray waiting for resources that never come.
-        from specfleet.cluster.placement_check import (
+        from specfleet.core.placement import (
             PlacementError,
             check_fits,
             deployment_demands,

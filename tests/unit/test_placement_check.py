@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from specfleet.cluster.placement_check import (
+from specfleet.core.config import load_config
+from specfleet.core.placement import (
     Demand,
     PlacementError,
     check_fits,
     deployment_demands,
     embedded_cluster_nodes,
 )
-from specfleet.core.config import load_config
 
 README_LIKE = """
 models: {target: /nonexistent/target}

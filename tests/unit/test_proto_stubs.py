@@ -52,4 +52,4 @@ def test_service_descriptor():
     assert methods == {"Generate": (False, False), "GenerateStream": (False, True),
                        "Info": (False, False)}
     assert [f.name for f in pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["prompt"].fields] == [
-        "text", "token_ids"]
+        "text", "token_ids", "chat"]

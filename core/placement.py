@@ -1,7 +1,8 @@
 """Will this deployment's actors fit the cluster? Checked before anything is placed.
 
 Where it sits: at the start of ``RayRuntime`` (before the first placement group or
-actor is created) and in ``specfleet config validate --cluster`` (offline, for the
+actor is created, against the live nodes), in ``specfleet serve`` before it starts an
+embedded Ray, and in ``specfleet config validate --cluster`` (offline, for the
 embedded cluster a config describes). Without it, a deployment that asks for more
 than the cluster has makes Ray wait forever for resources, silently: three actors at
 one CPU each on a two-CPU embedded cluster hang ``specfleet serve``. The check packs
@@ -56,14 +57,6 @@ def embedded_cluster_nodes(cfg: SpecFleetConfig) -> list[dict[str, float]]:
     cpus = c.num_cpus if c.num_cpus is not None else os.cpu_count()  # Ray's own default
     node = {"CPU": float(cpus or 0), "GPU": float(c.num_gpus or 0), **c.resources}
     return [{k: float(v) for k, v in node.items()}]
-
-
-def live_cluster_nodes() -> list[dict[str, float]]:
-    """Total resources of every alive node of the Ray this process is connected to."""
-    import ray
-
-    return [{k: float(v) for k, v in n.get("Resources", {}).items() if not k.startswith("node:")}
-            for n in ray.nodes() if n.get("Alive")]
 
 
 def _fmt(resources: Mapping[str, float]) -> str:
