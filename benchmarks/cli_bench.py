@@ -54,6 +54,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fleet.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     fleet.set_defaults(handler=_fleet)
 
+    load = sub.add_parser("load", help="goodput and latency vs offered load: AR, fixed windows, goodput controller")
+    load.add_argument("--zoo", default="small", choices=["tiny", "small"], help="zoo size (default: small)")
+    load.add_argument("--target", default="target-xl", help="target model of the zoo (default: target-xl)")
+    load.add_argument("--repeats", type=int, default=3, help="repeats per cell; medians (default: 3)")
+    load.add_argument("--requests", type=int, default=12, help="requests per cell (default: 12)")
+    load.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    load.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.9,1.2",
+                      help="offered loads as fractions of measured AR capacity (default: 0.1,...,1.2)")
+    load.add_argument("--windows", default="1,2,4,6", help="fixed-window arms (default: 1,2,4,6)")
+    load.add_argument("--cv", type=float, default=1.0, help="inter-arrival CV: 1 Poisson, >1 bursty Gamma")
+    load.add_argument("--batch-size", type=int, default=8, help="max batch (default: 8)")
+    load.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    load.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    load.add_argument("--plot", metavar="PNG", help="write goodput and latency vs load as PNG")
+    load.set_defaults(handler=_load)
+
     val = sub.add_parser(
         "sim-validate",
         help="the simulator against the real in-process engine on the same arrivals (small zoo)",
@@ -206,4 +222,32 @@ def _sim_validate(args) -> int:
         print(f"wrote {path}")
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
+    return 0
+
+
+def _load(args) -> int:
+    from specfleet.benchmarks.load_bench import LoadSettings, format_table, plot, run
+
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(",") if x.strip())
+        windows = tuple(int(x) for x in args.windows.split(",") if x.strip())
+    except ValueError:
+        print("error: --fractions/--windows: expected comma-separated numbers", file=sys.stderr)
+        return 2
+    if not fractions or min(fractions) <= 0 or not windows or min(windows) < 1 or args.cv <= 0:
+        print("error: fractions and cv must be > 0, windows >= 1", file=sys.stderr)
+        return 2
+    s = LoadSettings(zoo=args.zoo, target=args.target, repeats=args.repeats, requests=args.requests,
+                     max_new_tokens=args.max_new_tokens, fractions=fractions, windows=windows, cv=args.cv,
+                     batch=args.batch_size, threads=args.threads)
+    report = run(s)
+    print(f"machine: {report['machine']}; AR capacity {report['ar_capacity_qps']:.2f} req/s")
+    print(format_table(report))
+    print({k: round(report[k], 3) for k in ("min_ratio_vs_best_baseline", "max_gain_vs_best_fixed",
+                                              "worst_vs_ar", "max_adjacent_drop")})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if args.plot:
+        plot(report, args.plot)
     return 0

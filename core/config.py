@@ -152,8 +152,14 @@ class SchedulerConfig:
     )
     timing_smoothing: float = _f(0.2, "adaptive: EMA weight of the newest round's timing", min=0)
     probe_every: int = _f(16, "adaptive: rounds between one-token probes while speculation is off", min=1)
+    window_policy: str = _f(
+        "adaptive", "adaptive (per request, batch-1 economics) or goodput (whole-batch goodput controller)"
+    )
+    switch_margin: float = _f(0.03, "goodput: predicted gain a new plan needs over the last one (hysteresis)", min=0)
 
     def __post_init__(self):
+        if self.window_policy not in ("adaptive", "goodput"):
+            raise ValueError(f"window_policy: must be adaptive or goodput, got {self.window_policy!r}")
         for key in ("initial_alpha", "alpha_smoothing", "timing_smoothing"):
             if getattr(self, key) > 1:
                 raise ValueError(f"{key}: must be <= 1, got {getattr(self, key)}")

@@ -286,19 +286,33 @@ class Scheduler:
                 plans.append(self._plan(group, requests, now_ns, load))
         return plans
 
+    @staticmethod
+    def _window_cap(req: _Request) -> int:
+        """The client's cap and opt-out always win; drafts past max_new_tokens are wasted
+        (the round's bonus token is free)."""
+        if req.drafter is None:
+            return 0
+        cap = req.sampling.max_new_tokens - len(req.generated) - 1
+        if req.max_draft_length is not None:
+            cap = min(cap, req.max_draft_length)
+        return max(cap, 0)
+
     def _plan(self, group: int, requests: dict[str, _Request], now_ns: int, load: LoadSnapshot) -> RoundPlan:
         round_id = next(self._round_ids)
         drafts: dict[str, list[DraftRequest]] = {}
         verify, drafter_of = [], {}
         width = self.width.plan(load, len(requests))
+        batch_plan = None
+        if hasattr(self.draft_length, "plan_round"):  # batch-level policy (policy/goodput.py)
+            batch_plan = self.draft_length.plan_round(
+                round_id, {rid: self._window_cap(req) for rid, req in requests.items()},
+                now_ns=now_ns, load=load)
         for rid, req in requests.items():
             window = 0
             if req.drafter is not None:
-                # Drafts past max_new_tokens are wasted: the round's bonus token is free.
-                remaining = req.sampling.max_new_tokens - len(req.generated)
-                window = min(self.draft_length.window(rid, now_ns=now_ns, load=load), remaining - 1)
-                if req.max_draft_length is not None:
-                    window = min(window, req.max_draft_length)
+                chosen = (batch_plan[rid] if batch_plan is not None
+                          else self.draft_length.window(rid, now_ns=now_ns, load=load))
+                window = min(chosen, self._window_cap(req))
             proposal, fusion = None, None
             if window > 0:
                 if req.routed and self.router is not None:
@@ -336,6 +350,8 @@ class Scheduler:
         if outcome.draft_positions and isinstance(outcome.verify, VerifyReply):
             self.draft_length.observe_timing(outcome.draft_ns / outcome.draft_positions,
                                              outcome.verify.compute_ns, now_ns=now_ns)
+        if isinstance(outcome.verify, VerifyReply) and hasattr(self.draft_length, "observe_round"):
+            self.draft_length.observe_round(outcome.round_id, outcome.verify.compute_ns, now_ns=now_ns)
         self.on_verify_done(outcome.round_id, outcome.verify, now_ns)
 
     def on_draft_done(self, round_id: int, drafter: str, reply: DraftReply | WorkerFailure,

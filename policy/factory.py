@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from specfleet.core.config import SpecFleetConfig
 from specfleet.policy.domains import classify_domain
 from specfleet.policy.draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
+from specfleet.policy.goodput import GoodputDraftLength
 from specfleet.policy.learned_routing import LearnedRouter
 from specfleet.policy.routing import (
     DrafterProfile,
@@ -37,6 +38,15 @@ def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
     sched = cfg.scheduler
     if not sched.adaptive:
         return FixedDraftLength(sched.draft_length)
+    if sched.window_policy == "goodput":
+        return GoodputDraftLength(
+            max_length=sched.max_draft_length,
+            initial_alpha=sched.initial_alpha,
+            smoothing=sched.alpha_smoothing,
+            timing_smoothing=sched.timing_smoothing,
+            switch_margin=sched.switch_margin,
+            probe_every=sched.probe_every,
+        )
     return AdaptiveDraftLength(
         max_length=sched.max_draft_length,
         initial_alpha=sched.initial_alpha,
