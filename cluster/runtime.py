@@ -72,6 +72,28 @@ def live_cluster_nodes() -> list[dict[str, float]]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def _wait_until_fits(cfg: SpecFleetConfig, wait_s: float, poll_s: float = 1.0) -> None:
+    """Return once the deployment fits the alive nodes; raise ``PlacementError`` (what
+    each actor asks, what the cluster has) if it still does not after ``wait_s``."""
+    import time
+
+    from specfleet.core.placement import PlacementError
+
+    deadline = time.monotonic() + wait_s
+    logged = False
+    while True:
+        try:
+            check_fits(deployment_demands(cfg), live_cluster_nodes())
+            return
+        except PlacementError as exc:
+            if time.monotonic() >= deadline:
+                raise PlacementError(f"{exc} (waited {wait_s:.0f} s for nodes to join)") from None
+            if not logged:
+                logger.warning("waiting up to %.0f s for the cluster to fit the deployment: %s", wait_s, exc)
+                logged = True
+            time.sleep(poll_s)
+
+
 # Ray's switch for single-machine mode (its default on macOS/Windows): node IP 127.0.0.1.
 _SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -130,6 +152,7 @@ class RayRuntime:
         compiled_graph: bool | None = None,
         call_timeout_s: float = 60.0,
         start_timeout_s: float = 600.0,
+        placement_wait_s: float = 120.0,
     ):
         """Deploy ``cfg`` on the Ray this process is connected to (see ``connect``).
 
@@ -139,8 +162,10 @@ class RayRuntime:
         from specfleet.engine.builder import with_context_length
 
         cfg = with_context_length(cfg)  # the actors and the frontend size KV from one value
-        # Fail now, with what is missing, instead of Ray waiting forever for resources.
-        check_fits(deployment_demands(cfg), live_cluster_nodes())
+        # Fail with what is missing instead of Ray waiting forever for resources; a
+        # joined cluster may still be gaining nodes (ray up, autoscaling), so it gets
+        # a bounded wait for them first.
+        _wait_until_fits(cfg, placement_wait_s)
         self.cfg = cfg
         self.owns_ray = False
         self._call_timeout_s = call_timeout_s

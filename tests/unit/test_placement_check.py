@@ -94,3 +94,15 @@ def test_gguf_errors_name_the_key(tmp_path):
         resolve_model_path(str(bad), config_key="drafters[0].model")
     with pytest.raises(ModelPathError, match="no installed package 'no_such_pkg'"):
         resolve_model_path("pkg:no_such_pkg/x.gguf", config_key="models.target")
+
+
+def test_joined_cluster_gets_a_bounded_wait_for_nodes(tmp_path, monkeypatch):
+    from specfleet.cluster import runtime
+
+    _, cfg = _cfg(tmp_path, README_LIKE)  # asks 3 CPUs
+    readings = iter([[{"CPU": 2.0}], [{"CPU": 2.0}], [{"CPU": 2.0}, {"CPU": 2.0}]])
+    monkeypatch.setattr(runtime, "live_cluster_nodes", lambda: next(readings))
+    runtime._wait_until_fits(cfg, wait_s=30, poll_s=0.01)  # the third reading has the new node
+    monkeypatch.setattr(runtime, "live_cluster_nodes", lambda: [{"CPU": 2.0}])
+    with pytest.raises(PlacementError, match=r"waited 0 s for nodes to join"):
+        runtime._wait_until_fits(cfg, wait_s=0.05, poll_s=0.01)
