@@ -185,18 +185,31 @@ class _Build:
         with self._phase("target_xl"):
             xl = grow(target, r.growth, self.seed * 1000 + 999)
             xl_check = self._check_xl(target, xl, heldout_streams)
+        grown = r.drafter_growth
+        with self._phase("drafter_xl"):
+            source = drafters[grown.source]
+            drafter_xl = grow(source, grown.growth, self.seed * 1000 + 998)
+            drafter_xl_check = self._check_grown(source, drafter_xl, heldout_streams)
         with self._phase("timing"):
-            cost = self._time({"target": target, "target-xl": xl, **drafters})
+            cost = self._time({"target": target, "target-xl": xl, **drafters, grown.name: drafter_xl})
         with self._phase("save"), _quiet_transformers():
             self._save("target", target)
             self._save("target-xl", xl)
             for name, model in drafters.items():
                 self._save(name, model)
+            self._save(grown.name, drafter_xl)
             tok.save_pretrained(self.out / "tokenizer")
         self.models["target-xl"].update(
             role="target-xl", domain="general", grown_from="target",
             growth=dataclasses.asdict(r.growth), heldout_loss=None,
             note="computes the trained target's function; see target_xl_check")
+        source_entry = self.models[grown.source]
+        self.models[grown.name].update(
+            role="drafter", domain=source_entry["domain"], grown_from=grown.source,
+            growth=dataclasses.asdict(grown.growth), heldout_loss=source_entry.get("heldout_loss"),
+            c_vs_target_xl=cost["c_vs_target_xl"][grown.name],
+            note=f"computes {grown.source}'s function at PEARL's cost regime; see drafter_xl_check")
+        acceptance[grown.name] = acceptance[grown.source]  # same tokens (checked below)
 
         return {
             "format": FORMAT_VERSION,
@@ -231,6 +244,7 @@ class _Build:
             "acceptance": acceptance,
             "cost": cost,
             "target_xl_check": xl_check,
+            "drafter_xl_check": drafter_xl_check,
             "recipe": dataclasses.asdict(r),
         }
 
@@ -303,6 +317,10 @@ class _Build:
 
     def _check_xl(self, target, xl, heldout) -> dict:
         """Does target-xl emit the target's greedy tokens? Measured, never assumed."""
+        return self._check_grown(target, xl, heldout)
+
+    def _check_grown(self, target, xl, heldout) -> dict:
+        """Does a grown model emit its source's greedy tokens? Measured, never assumed."""
         ev = self.recipe.evaluation
         prompts = torch.cat([spaced_prompts(heldout[d], ev.xl_check_prompts, ev.prompt_tokens)
                              for d in DOMAINS])

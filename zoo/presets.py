@@ -26,10 +26,14 @@ ZooSize = Literal["tiny", "small"]
 SIZES: tuple[str, ...] = ("tiny", "small")
 DOMAINS: tuple[str, ...] = ("code", "prose", "data")
 DRAFTERS: tuple[str, ...] = ("drafter-general", "drafter-code", "drafter-prose", "drafter-data")
-MODEL_NAMES: tuple[str, ...] = ("target", "target-xl", *DRAFTERS)
+# A specialist grown, function-preservingly, to PEARL's cost regime (a draft step
+# ~0.15-0.25 of a target-xl decode step): it emits exactly drafter-code's tokens.
+GROWN_DRAFTERS: tuple[str, ...] = ("drafter-code-xl",)
+MODEL_NAMES: tuple[str, ...] = ("target", "target-xl", *DRAFTERS, *GROWN_DRAFTERS)
 # Bump when a change to the build code changes what a recipe produces.
 # 2: the tokenizer ships a chat template (zoo/tokenizer.py); weights as in 1.
-FORMAT_VERSION = 2
+# 3: drafter-code-xl (a grown specialist, ``ZooRecipe.drafter_growth``).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -79,6 +83,15 @@ class Growth:
 
 
 @dataclass(frozen=True)
+class DrafterGrowth:
+    """A drafter grown like target-xl (``specfleet.zoo.grow``): same tokens, more cost."""
+
+    name: str
+    source: str  # the trained drafter it computes the function of
+    growth: Growth
+
+
+@dataclass(frozen=True)
 class Corpus:
     train_chars: int  # per domain
     heldout_chars: int  # per domain
@@ -116,6 +129,7 @@ class ZooRecipe:
     drafters: tuple[DrafterRecipe, ...]
     growth: Growth
     evaluation: Evaluation
+    drafter_growth: DrafterGrowth
     # Fixed, not "all cores": float reductions depend on the thread count, so a fixed
     # count makes a seed reproduce the same weights on any machine. One, because on a
     # shared two-core machine a second thread's synchronisation turned a 14 s tiny
@@ -169,6 +183,8 @@ RECIPES: dict[str, ZooRecipe] = {
         evaluation=Evaluation(heldout_windows=8, prompts=8, prompt_tokens=16,
                               continuation_tokens=24, window=4, timing_steps=8,
                               timing_context=16, xl_check_prompts=3, xl_check_tokens=16),
+        drafter_growth=DrafterGrowth("drafter-code-xl", "drafter-code",
+                                     Growth(width_factor=4, layers=2, intermediate=768)),
     ),
     # Demo and benchmarks: a few-million-parameter target, ~200M-parameter-cost target-xl.
     "small": ZooRecipe(
@@ -188,6 +204,9 @@ RECIPES: dict[str, ZooRecipe] = {
         evaluation=Evaluation(heldout_windows=48, prompts=48, prompt_tokens=32,
                               continuation_tokens=64, window=4, timing_steps=24,
                               timing_context=32, xl_check_prompts=6, xl_check_tokens=48),
+        # 4 of target-xl's 24 layers at its width, and the same head: c ~ 0.18 by bytes.
+        drafter_growth=DrafterGrowth("drafter-code-xl", "drafter-code",
+                                     Growth(width_factor=4, layers=4, intermediate=2560)),
     ),
 }
 

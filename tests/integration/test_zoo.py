@@ -82,6 +82,12 @@ def test_manifest_figures_are_present_and_plausible(tiny_zoo, manifest, models):
         assert cost["c_vs_target"][name] > 0
         assert cost["c_vs_target_xl"][name] < cost["c_vs_target"][name]
     assert manifest["target_xl_check"]["greedy_tokens_identical"] is True
+    assert manifest["drafter_xl_check"]["greedy_tokens_identical"] is True
+    grown = manifest["models"]["drafter-code-xl"]
+    assert grown["grown_from"] == "drafter-code" and grown["domain"] == "code"
+    assert grown["params"] > 4 * manifest["models"]["drafter-code"]["params"]
+    # Costlier than the drafter it computes, cheaper than the target it drafts for.
+    assert cost["c_vs_target_xl"]["drafter-code"] < cost["c_vs_target_xl"]["drafter-code-xl"] < 1
 
 
 def test_second_build_is_a_cache_hit(tiny_zoo):
@@ -120,6 +126,10 @@ def test_target_xl_generates_exactly_the_targets_greedy_tokens(tiny_zoo, models)
             small = models["target"].generate(ids, **kwargs)
             big = models["target-xl"].generate(ids, **kwargs)
         assert big.tolist() == small.tolist(), prompt
+        with torch.inference_mode():
+            drafter = models["drafter-code"].generate(ids, **kwargs)
+            grown = models["drafter-code-xl"].generate(ids, **kwargs)
+        assert grown.tolist() == drafter.tolist(), prompt
 
 
 def test_cli_path_and_info(tiny_zoo, capsys):
