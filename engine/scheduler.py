@@ -313,7 +313,7 @@ class Scheduler:
                 chosen = (batch_plan[rid] if batch_plan is not None
                           else self.draft_length.window(rid, now_ns=now_ns, load=load))
                 window = min(chosen, self._window_cap(req))
-            proposal, fusion = None, None
+            proposal, fusion = DraftProposal.empty(rid), None
             if window > 0:
                 if req.routed and self.router is not None:
                     team = self.router.cooperators(rid, req.domain, req.drafter, width=width.width,
@@ -321,16 +321,10 @@ class Scheduler:
                     req.drafter = team[0][0]  # the router may have moved the request
                 else:
                     team = ((req.drafter, 1.0),)
-                for name, _ in team:
-                    seen = req.drafter_seen.get(name, 0)
-                    drafts.setdefault(name, []).append(
-                        DraftRequest(rid, seen, req.tokens[seen:], window, req.sampling))
-                    req.drafter_seen[name] = len(req.tokens)
                 drafter_of[rid] = tuple(name for name, _ in team)
+                proposal = self._draft(req, team, window, drafts)
                 if len(team) > 1:
                     fusion = FusionPlan(team, width.max_nodes(window, len(team)))
-            else:
-                proposal = DraftProposal.empty(rid)
             verify.append(VerifyCall(rid, req.verifier_seen, req.tokens[req.verifier_seen :],
                                      req.sampling, proposal, fusion))
             req.verifier_seen = len(req.tokens)
@@ -341,6 +335,19 @@ class Scheduler:
             for r in requests.values()
         )
         return RoundPlan(round_id, group, drafts, verify, rounds_left)
+
+    def _draft(self, req: _Request, team: tuple[tuple[str, float], ...], window: int,
+               drafts: dict[str, list[DraftRequest]]) -> DraftProposal | None:
+        """Ask ``team`` to draft ``window`` tokens for ``req`` this round; the proposal
+        the verifier checks, or None: this round's drafter replies (lockstep: drafted
+        first, then verified). The pipelined scheduler (``engine/pipeline.py``) may
+        answer a draft made during the previous round instead."""
+        for name, _ in team:
+            seen = req.drafter_seen.get(name, 0)
+            drafts.setdefault(name, []).append(
+                DraftRequest(req.request_id, seen, req.tokens[seen:], window, req.sampling))
+            req.drafter_seen[name] = len(req.tokens)
+        return None
 
     # ---- events -----------------------------------------------------------------------------
     def on_round_done(self, outcome: RoundOutcome, now_ns: int) -> None:
