@@ -54,6 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fleet.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     fleet.set_defaults(handler=_fleet)
 
+    pipe = sub.add_parser("pipeline", help="pipelined speculation (PEARL) vs lockstep, on Ray actors pinned to cores")
+    pipe.add_argument("--zoo", default="small", choices=["tiny", "small"], help="zoo size (default: small)")
+    pipe.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default: 3)")
+    pipe.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (default: 64)")
+    pipe.add_argument("--prompts", type=int, default=2, help="held-out prompts per domain (default: 2)")
+    pipe.add_argument("--windows", default="2,4,6", help="fixed windows to try, comma-separated (default: 2,4,6)")
+    pipe.add_argument("--batch-size", type=int, default=8, help="batch of the second part (default: 8)")
+    pipe.add_argument("--no-pin", action="store_true", help="do not pin the verifier and drafter to cores 0 and 1")
+    pipe.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    pipe.set_defaults(handler=_pipeline)
+
     load = sub.add_parser("load", help="goodput and latency vs offered load: AR, fixed windows, goodput controller")
     load.add_argument("--zoo", default="small", choices=["tiny", "small"], help="zoo size (default: small)")
     load.add_argument("--target", default="target-xl", help="target model of the zoo (default: target-xl)")
@@ -251,3 +262,20 @@ def _load(args) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _pipeline(args) -> int:
+    from specfleet.benchmarks.pipeline_bench import PipelineSettings, format_table, run
+    from specfleet.zoo.build import build_zoo
+
+    build_zoo(args.zoo)
+    windows = tuple(int(w) for w in args.windows.split(","))
+    settings = PipelineSettings(zoo=args.zoo, runs=args.runs, max_new_tokens=args.max_new_tokens,
+                                prompts_per_domain=args.prompts, windows=windows, batch=args.batch_size,
+                                pin=not args.no_pin)
+    report = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["outputs_identical"] else 1

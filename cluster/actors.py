@@ -78,11 +78,17 @@ class VerifierFactory:
         return build_verifier(self.cfg)
 
 
-def _set_threads(torch_threads: int) -> None:
+def _set_threads(torch_threads: int, cpu_affinity: Sequence[int] = ()) -> None:
     # Ray sets OMP_NUM_THREADS from num_cpus, but fractional CPUs round to 1 and torch
     # may already be initialised; be explicit so actors sharing cores do not thrash.
     import torch
 
+    if cpu_affinity and hasattr(os, "sched_setaffinity"):
+        # Pinned before torch starts its threads, so they inherit the mask. Cores this
+        # machine does not have are dropped (one config serves nodes of several sizes).
+        cores = set(cpu_affinity) & os.sched_getaffinity(0)
+        if cores:
+            os.sched_setaffinity(0, cores)
     torch.set_num_threads(torch_threads)
     os.environ["OMP_NUM_THREADS"] = str(torch_threads)
 
@@ -94,7 +100,8 @@ def _where() -> dict[str, Any]:
     # The node's own address (what it was started with), not a guess from the route table.
     node = getattr(ray._private.worker.global_worker, "node", None)
     ip = getattr(node, "node_ip_address", None) or ray.util.get_node_ip_address()
-    return {"node_id": ctx.get_node_id(), "node_ip": ip, "pid": os.getpid()}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"node_id": ctx.get_node_id(), "node_ip": ip, "pid": os.getpid(), "cpus": cores}
 
 
 # ---- actors (plain classes; ray.remote is applied at placement) ---------------------
@@ -111,8 +118,8 @@ class DraftSummary:
 class DrafterActor:
     """Holds one ``Drafter``; every method forwards to it."""
 
-    def __init__(self, factory: Callable[[], Any], torch_threads: int = 1):
-        _set_threads(torch_threads)
+    def __init__(self, factory: Callable[[], Any], torch_threads: int = 1, cpu_affinity: Sequence[int] = ()):
+        _set_threads(torch_threads, cpu_affinity)
         from specfleet.drafters.base import Drafter
 
         start = time.perf_counter()
@@ -172,8 +179,8 @@ class DrafterActor:
 class VerifierActor:
     """Holds a verifier group's leader: a ``Verifier`` (or a ``TPVerifierGroup``)."""
 
-    def __init__(self, factory: Callable[[], Any], torch_threads: int = 1):
-        _set_threads(torch_threads)
+    def __init__(self, factory: Callable[[], Any], torch_threads: int = 1, cpu_affinity: Sequence[int] = ()):
+        _set_threads(torch_threads, cpu_affinity)
         start = time.perf_counter()
         self.verifier = factory()
         self.load_s = time.perf_counter() - start
@@ -261,7 +268,7 @@ def spawn_drafter(factory: Callable[[], Any], res: ResourcesConfig, *, name: str
     import ray
 
     cls = ray.remote(DrafterActor).options(**actor_options(res, name=name))
-    return cls.remote(factory, res.torch_threads)
+    return cls.remote(factory, res.torch_threads, tuple(res.cpu_affinity))
 
 
 def create_verifier_group(tp_size: int, res: ResourcesConfig, *, name: str | None = None):
@@ -287,4 +294,4 @@ def spawn_verifier(factory: Callable[[], Any], res: ResourcesConfig, group=None,
         if not options["num_cpus"] and not options["num_gpus"]:
             options["num_cpus"] = 0.01  # bundle() reserved CPU 0.01 for an all-zero rank
     cls = ray.remote(VerifierActor).options(**options)
-    return cls.remote(factory, res.torch_threads)
+    return cls.remote(factory, res.torch_threads, tuple(res.cpu_affinity))

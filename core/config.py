@@ -50,6 +50,10 @@ class ResourcesConfig:
     num_gpus: float = _f(0.0, "GPUs (fractions allowed) reserved for the actor", min=0)
     custom: dict[str, float] = _f(dict, "custom Ray node resources, e.g. {drafter: 1}")
     torch_threads: int = _f(1, "torch intra-op threads inside the actor", min=1)
+    cpu_affinity: list[int] = _f(
+        list, "CPU cores the actor's process is pinned to (Linux sched_setaffinity), e.g. [1] so a "
+        "drafter and the verifier overlap on cores of their own in pipelined mode; empty = not pinned"
+    )
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ def runtime(models, tmp_path_factory):
 
     data = tiny_config_dict(models)
     data["scheduler"].update(mode="pipelined", first_window=1)
+    # Each on a core of its own: the overlap is real, not time-sliced.
+    data["verifier"]["resources"] = {"num_cpus": 0.25, "cpu_affinity": [0]}
+    data["drafters"][0]["resources"] = {"num_cpus": 0.25, "cpu_affinity": [1]}
     data["cluster"]["restart_max_failures"] = 1000
     cfg = load_config(write_config(tmp_path_factory.mktemp("ray") / "cfg.yaml", data))
     rt = RayRuntime.start(cfg)
@@ -54,6 +57,16 @@ def runtime(models, tmp_path_factory):
         rt.shutdown()
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_actors_are_pinned_where_the_config_says(runtime):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs cores 0 and 1")
+    assert runtime.verifier.info["cpus"] == [0]
+    assert runtime.drafters["self"].info["cpus"] == [1]
+    assert len(runtime.drafters["random"].info["cpus"]) == len(os.sched_getaffinity(0))  # not pinned
 
 
 @pytest.mark.parametrize("drafter", ["self", "random", "ngram"])
