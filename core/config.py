@@ -166,8 +166,9 @@ class SchedulerConfig:
         "this one is verified; needs separate drafter and verifier processes to overlap: the Ray runtime)"
     )
     first_window: int = _f(
-        1, "pipelined: draft of a round after a rejection, verified while the drafter drafts ahead "
-        "(1 = PEARL's pre-verify)", min=1,
+        0, "pipelined: draft of a round after a rejection, verified while the drafter drafts ahead "
+        "(1 = PEARL's pre-verify; 0 = from the measured draft/verify cost: 1 when drafting the "
+        "window costs over 0.3 of a verify, else the whole window)", min=0,
     )
 
     def __post_init__(self):

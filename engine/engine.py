@@ -45,7 +45,7 @@ class SpecEngine(EngineDriver):
         token_sink: Callable[[str, list[int]], None] | None = None,
         clock: Clock | None = None,
         pipelined: bool = False,
-        first_window: int = 1,
+        first_window: int = 0,
     ):
         """``verifier``: one verifier, or one per verifier group (each its own copy of
         the target; requests are spread over them). ``max_batch_size`` is per group.

@@ -11,9 +11,9 @@ committed tokens plus window k's draft, as if window k will be accepted whole
 accepts all of window k and its bonus token is the ahead draft's first token, the
 rest of the ahead draft is exactly a draft from the new committed tokens: the next
 round verifies it at once, with no drafting on the critical path. Otherwise the
-ahead draft is dropped and the next round starts cold: a short first draft
-(``first_window``, PEARL's pre-verify: one token, verified while the drafter goes on
-ahead of it), then warm rounds again.
+ahead draft is dropped and the next round starts cold: a first draft (PEARL's pre-verify: one token, verified while the
+drafter goes on ahead of it, when drafting is dear; the whole window when it is
+cheap — ``policy/draft_length.py: cold_window``), then warm rounds again.
 
 Exactness: a draft is only ever *checked* by the target's accept rule, and an ahead
 draft is used only when its context is the committed sequence, so the output is the
@@ -44,6 +44,7 @@ from specfleet.core.workers import (
     VerifyReply,
 )
 from specfleet.engine.scheduler import DRAFTER_DOWN_NS, Scheduler, _Request
+from specfleet.policy.draft_length import cold_window
 
 
 @dataclass
@@ -66,13 +67,15 @@ class _Pending:
 
 
 class PipelinedScheduler(Scheduler):
-    def __init__(self, *args, first_window: int = 1, **kwargs):
+    def __init__(self, *args, first_window: int = 0, **kwargs):
         """``first_window``: the draft of a cold round (after a rejection), verified
-        while the drafter drafts ahead of it; 1 is PEARL's pre-verify."""
+        while the drafter drafts ahead of it; 1 is PEARL's pre-verify; 0 chooses from
+        the measured draft/verify cost (``policy/draft_length.py: cold_window``)."""
         super().__init__(*args, **kwargs)
-        if first_window < 1:
-            raise ValueError(f"first_window: must be >= 1, got {first_window}")
+        if first_window < 0:
+            raise ValueError(f"first_window: must be >= 0, got {first_window}")
         self.first_window = first_window
+        self.cost_ratio = 0.1  # draft token / verify, measured from outcomes (prior until then)
         self.pipeline_hits = 0  # rounds whose draft was drafted during the previous round
         self.pipeline_rounds = 0  # request-rounds that sent a draft ahead
         self._pending: dict[str, _Pending] = {}
@@ -118,7 +121,7 @@ class PipelinedScheduler(Scheduler):
             calls.setdefault(name, []).append(AheadCall(ahead))
         else:
             proposal, verified = None, None
-            first = min(window, self.first_window)
+            first = cold_window(window, self.cost_ratio, self.first_window)
             ahead_window = self._ahead_window(req, window, first)
             if ahead_window < 2:  # nothing worth drafting ahead: a lockstep round
                 first = window
@@ -167,13 +170,19 @@ class PipelinedScheduler(Scheduler):
         super().on_round_done(outcome, now_ns)
         if aheads and isinstance(outcome.verify, VerifyReply):
             self._take_aheads(outcome, aheads)
-        if not outcome.drafts and outcome.ahead and isinstance(outcome.verify, VerifyReply):
+        if not isinstance(outcome.verify, VerifyReply) or outcome.verify.compute_ns <= 0:
+            return
+        sample = None
+        if outcome.draft_positions:
+            sample = outcome.draft_ns / outcome.draft_positions
+        replies = [r for r in outcome.ahead.values() if isinstance(r, DraftReply)]
+        positions = max((len(p) for r in replies for p in r.proposals), default=0)
+        if positions and not outcome.drafts:
             # Every draft of the round was made ahead: its timing still feeds c.
-            replies = [r for r in outcome.ahead.values() if isinstance(r, DraftReply)]
-            positions = max((len(p) for r in replies for p in r.proposals), default=0)
-            if positions:
-                self.draft_length.observe_timing(max(r.compute_ns for r in replies) / positions,
-                                                 outcome.verify.compute_ns, now_ns=now_ns)
+            sample = max(r.compute_ns for r in replies) / positions
+            self.draft_length.observe_timing(sample, outcome.verify.compute_ns, now_ns=now_ns)
+        if sample is not None:
+            self.cost_ratio = 0.8 * self.cost_ratio + 0.2 * sample / outcome.verify.compute_ns
 
     def _ahead_failed(self, name: str, aheads: dict[str, _Ahead], reply) -> None:
         """A failed ahead call: its requests are re-sent whole to that drafter."""

@@ -19,6 +19,7 @@ from typing import Literal
 from specfleet.core.config import Domain, RouterConfig, SchedulerConfig
 from specfleet.core.config import config_field as _f
 from specfleet.core.typed_yaml import load_yaml_file
+from specfleet.engine.pipeline import PipelinedScheduler
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.factory import build_draft_length, build_router, build_width
 from specfleet.sim.acceptance import AcceptanceCurves, AcceptanceModel
@@ -200,7 +201,9 @@ def build_simulation(cfg: SimDeploymentConfig, base: Path = Path("."), *,
     policy_cfg = SimpleNamespace(router=cfg.router, scheduler=cfg.scheduler,
                                  drafters=[SimpleNamespace(name=n, domain=d.domain) for n, d in names])
     router = build_router(policy_cfg, decode or decode_synthetic) if names else None
-    scheduler = Scheduler(
+    pipelined = cfg.scheduler.mode == "pipelined"
+    scheduler = (PipelinedScheduler if pipelined else Scheduler)(
+        **({"first_window": cfg.scheduler.first_window} if pipelined else {}),
         drafters=[n for n, _ in names], draft_length=build_draft_length(policy_cfg), router=router,
         width=build_width(policy_cfg), default_drafter=cfg.router.default_drafter or (names[0][0] if names else None),
         groups=cfg.verifier.groups, max_batch_size=effective_batch(cfg, step_time),

@@ -19,10 +19,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from specfleet.core.workers import Housekeeping, RoundOutcome, RoundPlan, VerifyReply
+from specfleet.core.types import DraftProposal
+from specfleet.core.workers import (
+    DraftReply,
+    Housekeeping,
+    RoundOutcome,
+    RoundPlan,
+    VerifyReply,
+    ahead_requests,
+)
 from specfleet.sim.acceptance import AcceptanceModel
 from specfleet.sim.step_time import StepTimeModel
-from specfleet.sim.workers import SimDraftWorker, SimVerifyWorker
+from specfleet.sim.workers import DRAFT_TOKEN, TARGET_TOKEN, SimDraftWorker, SimVerifyWorker
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,42 @@ class SimExecutor:
         self.busy_ns[f"group{plan.group}"] += verify_ns
         outcome.draft_ns = critical
         outcome.verify = VerifyReply(reply.results, verify_ns, reply.unknown)
-        outcome.wall_ns = critical + verify_ns + self.overhead_ns + net.message_ns(verifier.last_tokens)
+        # Pipelined mode: drafting ahead runs beside the verify; the round ends with the later.
+        verify_side = verify_ns + net.message_ns(verifier.last_tokens)
+        ahead_side = self._run_ahead(plan, outcome, reply.results) if plan.ahead else 0
+        outcome.wall_ns = critical + max(verify_side, ahead_side) + self.overhead_ns
         return outcome, outcome.wall_ns
+
+    def _run_ahead(self, plan: RoundPlan, outcome: RoundOutcome, results) -> int:
+        """The plan's ahead calls on the simulated drafters; returns their critical path.
+        An ahead draft's first token is the drafter's guess of the bonus token: after a
+        fully accepted window it is right with the drafter's acceptance probability of
+        one more position (the curve, a fresh draw), and the rest are ordinary drafts."""
+        whole = {r.request_id for r in results if r.emitted and r.num_accepted == r.num_drafted}
+        critical = 0
+        for name, calls in plan.ahead.items():
+            worker = self.drafters[name]
+            own = outcome.drafts.get(name)
+            reply = worker.propose(ahead_requests(calls, own if isinstance(own, DraftReply) else None)).result()
+            proposals = []
+            for p in reply.proposals:
+                if p.tokens:
+                    rid = p.request_id
+                    hit = rid in whole and self.verifiers[plan.group].acceptance.accepted(
+                        rid, drafter=name, domain=self.domain_of.get(rid, "prose"),
+                        round_index=self.verifiers[plan.group].rounds.get(rid, 0), window=1) == 1
+                    p = DraftProposal(rid, [TARGET_TOKEN if hit else DRAFT_TOKEN, *p.tokens[1:]], p.parents,
+                                      p.confidences, None, name)
+                proposals.append(p)
+            positions = max((len(p) for p in proposals), default=0)
+            ns = self.step_time.draft_ns(self.cost_name.get(name, name), batch=len(calls),
+                                         new_tokens=worker.last_new_tokens, positions=positions,
+                                         context=worker.last_context)
+            self.busy_ns[name] += ns
+            outcome.ahead[name] = DraftReply(proposals, ns, reply.unknown)
+            ns += self.network.message_ns(worker.last_new_tokens) + self.network.message_ns(positions * len(calls))
+            critical = max(critical, ns) if self.drafters_parallel else critical + ns
+        return critical
 
     def housekeeping(self, work: Housekeeping) -> None:
         for group, request_ids in work.verifier_releases.items():

@@ -27,7 +27,8 @@ FORBIDDEN = {
 
 # Files that decide (the scheduler, every policy) are told the time and never touch a
 # tensor: the simulator runs them on a simulated clock without torch.
-DECIDERS = [REPO / "engine" / "scheduler.py", *sorted((REPO / "policy").glob("*.py"))]
+DECIDERS = [REPO / "engine" / "scheduler.py", REPO / "engine" / "pipeline.py",
+            *sorted((REPO / "policy").glob("*.py"))]
 WALL_CLOCK_OR_TENSORS = {"time", "datetime", "torch", "numpy", "ray"}
 
 
@@ -62,9 +63,9 @@ def test_deciders_read_no_clock_and_hold_no_tensors(path):
     assert not bad, f"{path.relative_to(REPO)} imports " + ", ".join(bad)
 
 
-# The simulator may take exactly one module of engine/: the scheduler (not the driver,
-# the executors or the builder, which pull in drafters, verifiers and torch).
-SIM_ALLOWED_ENGINE = {"specfleet.engine.scheduler"}
+# The simulator may take only the schedulers of engine/: lockstep and pipelined (not the
+# driver, the executors or the builder, which pull in drafters, verifiers and torch).
+SIM_ALLOWED_ENGINE = {"specfleet.engine.scheduler", "specfleet.engine.pipeline"}
 SIM_FORBIDDEN_THIRD_PARTY = {"torch", "ray", "transformers", "grpc"}
 
 

@@ -32,6 +32,7 @@ def target():
 
 
 def make_engine(target, drafters, *, eos=(), window=4, policy=None, batch=8, pipelined=True, first_window=1):
+    """``first_window=1`` by default: PEARL's pre-verify, the most pipelined schedule."""
     verifier = Verifier(LlamaRunner(target, max_slots=batch, max_seq_len=200), eos_token_ids=eos)
     return SpecEngine(verifier, drafters, draft_policy=policy or FixedDraftLength(window),
                       max_batch_size=batch, pipelined=pipelined, first_window=first_window)
@@ -85,7 +86,7 @@ class ScriptedDrafter(Drafter):
 
 
 @pytest.mark.parametrize("drafter_kind", ["self", "random", "ngram", "suffix"])
-@pytest.mark.parametrize("first_window", [1, 3])
+@pytest.mark.parametrize("first_window", [0, 1, 3])
 def test_pipelined_greedy_equals_hf_generate(target, drafter_kind, first_window):
     expected = [hf_greedy(target, p, 24) for p in PROMPTS]
     drafter = {
