@@ -161,3 +161,56 @@ def test_in_process_backend_a_given_up_group_fails_nobody(zoo_prompts):
     assert all(last.error is None and last.finish_reason == FinishReason.LENGTH for _, last in results)
     assert victim.calls >= 2 and engine.scheduler.unavailable_groups == [1]
     assert all(last.stats.verifier_group == 0 for _, last in results)
+
+
+def test_ray_a_given_up_group_moves_its_requests_and_comes_back(zoo_prompts, tmp_path):
+    """Group 1 past its restart budget (every replacement dies as it appears): its
+    requests finish exactly on group 0 and nobody fails; once the budget allows, a new
+    group 1 loads, is restored, and takes admissions again."""
+    import time
+
+    ray = pytest.importorskip("ray")
+    from specfleet.cluster.runtime import RayRuntime
+    from specfleet.cluster.supervisor import RestartBudget
+    from specfleet.testing.cluster_rigs import token_auth
+
+    prompts, expected = zoo_prompts
+    prompts, expected = prompts[:4], expected[:4]
+    cfg = two_groups(load_config("configs/tiny.yaml"))
+    with token_auth(tmp_path):
+        runtime = RayRuntime.start(cfg)
+        engine, victim = runtime.engine, runtime.verifiers[1]
+        supervisor = victim.supervisor
+        real, saved_budget = supervisor._spawn, supervisor.budget
+        try:
+            def spawn_dead():
+                actor = real()
+                ray.kill(actor, no_restart=True)
+                return actor
+
+            def give_up():
+                supervisor.budget = RestartBudget(max_failures=2, window_s=300.0, backoff_s=0.1)
+                supervisor._spawn = spawn_dead
+                ray.kill(victim.actor, no_restart=True)
+
+            outs = _run(engine, prompts, kill=give_up)
+            assert [o.token_ids for o in outs] == expected
+            assert [o.stats.verifier_group for o in outs] == [0, 0, 0, 0]
+            assert engine.scheduler.unavailable_groups == [1] and supervisor.given_up
+            assert runtime.verifiers[0].restarts == 0
+
+            # The window passes (a fresh budget, due now, stands in for 300 s).
+            supervisor._spawn, supervisor.budget, supervisor._next_spawn = real, saved_budget, 0.0
+            deadline = time.monotonic() + 120
+            while engine.scheduler.unavailable_groups:
+                assert time.monotonic() < deadline, "group 1 did not come back"
+                engine.step()
+                time.sleep(0.2)
+            outs = _run(engine, prompts)
+            assert [o.token_ids for o in outs] == expected
+            assert [o.stats.verifier_group for o in outs] == [0, 1, 0, 1]
+        finally:
+            supervisor._spawn, supervisor.budget = real, saved_budget
+            runtime.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
