@@ -36,7 +36,7 @@ from typing import Any
 
 from specfleet.core.config import DrafterConfig, ResourcesConfig, SpecFleetConfig
 from specfleet.core.types import DraftProposal
-from specfleet.core.workers import DraftReply
+from specfleet.core.workers import DraftReply, ahead_requests
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,15 @@ class DrafterActor:
         proposals = [drafted.get(c.request_id) or DraftProposal.empty(c.request_id, self.drafter.name)
                      for c in calls]
         return _dumps(DraftReply(proposals, time.perf_counter_ns() - start, tuple(unknown)))
+
+    def propose_ahead(self, payload: bytes, *own_reply: bytes) -> bytes:
+        """``pickle([AheadCall])`` (and the raw reply of this round's ``propose`` call,
+        when there was one: Ray resolves its ref first, which also orders the two
+        calls) → ``pickle(DraftReply)``: the next window, drafted while the verifier
+        checks this one (pipelined mode, ``engine/pipeline.py``)."""
+        calls = pickle.loads(payload)
+        reply = pickle.loads(own_reply[0]) if own_reply else None
+        return self.propose(_dumps((ahead_requests(calls, reply), [], [])))
 
     def housekeeping(self, releases: Sequence[str] = (), observed: Sequence[list[int]] = ()) -> None:
         for request_id in releases:

@@ -69,6 +69,7 @@ class _Launched:
     start_ns: int
     outcome: RoundOutcome
     chained: list[tuple[str, object]] = field(default_factory=list)  # (drafter, ObjectRef)
+    ahead: list[tuple[str, object]] = field(default_factory=list)  # (drafter, ObjectRef) of ahead calls
     verify_ref: object = None
     payload: bytes = b""
 
@@ -103,7 +104,7 @@ class RayExecutor:
         group's round has finished; their outcomes ride on it (``run_each``)."""
         if not self.concurrent_drafts:
             return run_each(plans, self._run_one_by_one)
-        if len(plans) == 1 and len(self.verifiers) == 1:
+        if len(plans) == 1 and len(self.verifiers) == 1 and not plans[0].ahead:
             compiled = self._run_compiled(plans[0])
             if compiled is not None:
                 return [compiled]
@@ -125,6 +126,15 @@ class RayExecutor:
         verifier = self.verifiers[plan.group]
         round_.payload, _ = verifier.round_payload(plan.verify)
         round_.verify_ref = verifier.actor.verify.remote(round_.payload, *[r for _, r in round_.chained])
+        # Pipelined mode: each drafter drafts the next window while the verify runs
+        # (its own draft ref orders the two calls and carries the tokens to extend).
+        own = dict(round_.chained)
+        for name, calls in plan.ahead.items():
+            ref = self.drafters[name].submit_ahead(calls, own.get(name))
+            if ref is None:
+                round_.outcome.ahead[name] = self.drafters[name].collect(None)  # UNAVAILABLE
+            else:
+                round_.ahead.append((name, ref))
         return round_
 
     def _finish(self, round_: _Launched) -> RoundOutcome:
@@ -153,8 +163,20 @@ class RayExecutor:
             except failure_types() as exc:
                 reply = verifier.recover(type(exc).__name__)
         self._complete(outcome, verifier, reply, round_.chained)
+        self._collect_ahead(round_)
         outcome.wall_ns = time.perf_counter_ns() - round_.start_ns
         return outcome
+
+    def _collect_ahead(self, round_: _Launched) -> None:
+        """The ahead calls' replies (pipelined mode). A drafter whose draft call of the
+        round failed failed these too (same actor, chained): one failure, not two."""
+        outcome = round_.outcome
+        for name, ref in round_.ahead:
+            own = outcome.drafts.get(name)
+            if isinstance(own, WorkerFailure):
+                outcome.ahead[name] = own
+                continue
+            outcome.ahead[name] = self.drafters[name].collect(ref)
 
     def _complete(self, outcome: RoundOutcome, verifier: VerifierHandle, reply,
                   chained: Sequence[tuple[str, object]]) -> None:
@@ -230,6 +252,13 @@ class RayExecutor:
             outcome.verify, _ = verifier.parse(reply)
         except failure_types() as exc:
             outcome.verify = verifier.recover(type(exc).__name__)
+        for name, calls in plan.ahead.items():  # after the verify: nothing overlaps here
+            own = outcome.drafts.get(name)
+            if isinstance(own, WorkerFailure):
+                outcome.ahead[name] = own
+                continue
+            own_ref = ray.put(dumps(own)) if own is not None else None
+            outcome.ahead[name] = self.drafters[name].collect(self.drafters[name].submit_ahead(calls, own_ref))
         outcome.wall_ns = time.perf_counter_ns() - start
         return outcome
 

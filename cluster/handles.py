@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from specfleet.cluster.supervisor import ActorSupervisor, RestartBudget
 from specfleet.core.types import DraftRequest
 from specfleet.core.workers import (
+    AheadCall,
     DraftReply,
     FailureKind,
     VerifyCall,
@@ -163,6 +164,16 @@ class DrafterHandle(_Handle):
         """Send the proposal call without waiting; None if the actor is not ready."""
         payload = self.prepare(calls)
         return None if payload is None else self.actor.propose.remote(payload)
+
+    def submit_ahead(self, calls: Sequence[AheadCall], own_ref=None):
+        """Send a pipelined round's ahead call (after ``own_ref``, this round's draft
+        call, if any) without waiting; None if the actor is not ready. Housekeeping
+        rides on the draft calls only."""
+        if not self._ready():
+            return None
+        payload = dumps(list(calls))
+        refs = () if own_ref is None else (own_ref,)
+        return self.actor.propose_ahead.remote(payload, *refs)
 
     def collect(self, ref) -> DraftReply | WorkerFailure:
         if ref is None:

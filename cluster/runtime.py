@@ -36,6 +36,7 @@ from specfleet.core.placement import check_fits, deployment_demands
 from specfleet.core.serving import BackendInfo
 from specfleet.engine.backend import EngineBackend, backend_info
 from specfleet.engine.driver import EngineDriver
+from specfleet.engine.pipeline import PipelinedScheduler
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.factory import build_policies
 
@@ -199,8 +200,9 @@ class RayRuntime:
 
             policies = build_policies(cfg, decode, classifier_for(cfg))
             info = self.verifier.info
-            self.scheduler = Scheduler(
-                drafters=list(self.drafters), draft_length=policies.draft_length, router=policies.router,
+            pipeline = {"first_window": cfg.scheduler.first_window} if cfg.scheduler.mode == "pipelined" else {}
+            self.scheduler = (PipelinedScheduler if pipeline else Scheduler)(
+                **pipeline, drafters=list(self.drafters), draft_length=policies.draft_length, router=policies.router,
                 width=policies.width, default_drafter=policies.default_drafter, groups=vcfg.count, max_batch_size=slots,
                 eos_token_ids=info.get("eos_token_ids") or (), decode=decode,
                 vocab_size=info.get("vocab_size"), max_seq_len=info.get("max_seq_len") or vcfg.max_seq_len,

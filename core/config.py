@@ -153,13 +153,24 @@ class SchedulerConfig:
     timing_smoothing: float = _f(0.2, "adaptive: EMA weight of the newest round's timing", min=0)
     probe_every: int = _f(16, "adaptive: rounds between one-token probes while speculation is off", min=1)
     window_policy: str = _f(
-        "adaptive", "adaptive (per request, batch-1 economics) or goodput (whole-batch goodput controller)"
+        "adaptive", "adaptive (per request, batch-1 economics), goodput (whole-batch goodput controller) "
+        "or pearl (pipelined mode: verify time / draft time per token, PEARL's rule)"
     )
     switch_margin: float = _f(0.03, "goodput: predicted gain a new plan needs over the last one (hysteresis)", min=0)
+    mode: str = _f(
+        "lockstep", "lockstep (draft, then verify) or pipelined (PEARL: the next window is drafted while "
+        "this one is verified; needs separate drafter and verifier processes to overlap: the Ray runtime)"
+    )
+    first_window: int = _f(
+        1, "pipelined: draft of a round after a rejection, verified while the drafter drafts ahead "
+        "(1 = PEARL's pre-verify)", min=1,
+    )
 
     def __post_init__(self):
-        if self.window_policy not in ("adaptive", "goodput"):
-            raise ValueError(f"window_policy: must be adaptive or goodput, got {self.window_policy!r}")
+        if self.window_policy not in ("adaptive", "goodput", "pearl"):
+            raise ValueError(f"window_policy: must be adaptive, goodput or pearl, got {self.window_policy!r}")
+        if self.mode not in ("lockstep", "pipelined"):
+            raise ValueError(f"mode: must be lockstep or pipelined, got {self.mode!r}")
         for key in ("initial_alpha", "alpha_smoothing", "timing_smoothing"):
             if getattr(self, key) > 1:
                 raise ValueError(f"{key}: must be <= 1, got {getattr(self, key)}")

@@ -109,6 +109,39 @@ class VerifyReply:
 
 
 @dataclass(frozen=True)
+class AheadCall:
+    """Draft ahead while the round's verify runs (PEARL's post-verify): one request's
+    call to the drafter, whose context is the committed tokens *plus the draft being
+    verified*, as if it will all be accepted. ``request`` carries the position
+    contract up to what is known when the round is planned; with ``after_own_draft``
+    the drafter's own proposal for the request from this round's draft call (known
+    only once drafted) follows ``request.new_tokens`` (``ahead_requests``)."""
+
+    request: DraftRequest
+    after_own_draft: bool = False
+
+
+def ahead_requests(calls: Sequence[AheadCall], reply: DraftReply | None) -> list[DraftRequest]:
+    """The ``DraftRequest``s of a drafter's ahead calls, once its draft call of the same
+    round (``reply``; None if it made none) is known. A request whose own proposal is a
+    tree, not a chain, has no single "as if accepted" context: it gets window 0."""
+    own = {p.request_id: p for p in reply.proposals} if reply is not None else {}
+    out = []
+    for call in calls:
+        req = call.request
+        if call.after_own_draft:
+            proposal = own.get(req.request_id)
+            tokens = proposal.tokens if proposal is not None else []
+            if proposal is not None and proposal.parents != DraftProposal.chain_parents(len(tokens)):
+                out.append(DraftRequest(req.request_id, req.position, list(req.new_tokens), 0, req.sampling))
+                continue
+            req = DraftRequest(req.request_id, req.position, [*req.new_tokens, *tokens],
+                               req.num_draft_tokens, req.sampling)
+        out.append(req)
+    return out
+
+
+@dataclass(frozen=True)
 class RoundPlan:
     """One speculation round of one verifier group, as the scheduler planned it."""
 
@@ -119,6 +152,9 @@ class RoundPlan:
     # Rounds the longest request of the group may still need (budget / tokens per
     # round so far): executors weigh one-off costs against it (compiling a graph).
     rounds_left: float = 0.0
+    # Pipelined mode: drafter name → calls drafting the *next* window while this
+    # round's verify runs (each after that drafter's ``drafts`` call, if any).
+    ahead: dict[str, list[AheadCall]] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +168,7 @@ class RoundOutcome:
     wall_ns: int = 0  # launch → verify reply, as the executor measured it
     draft_ns: int = 0  # drafting on the critical path (sum if drafters ran one after another)
     draft_positions: int = 0  # sequential draft positions that took draft_ns (for c = draft/verify)
+    ahead: dict[str, DraftReply | WorkerFailure] = field(default_factory=dict)  # the plan's ahead calls
 
 
 @dataclass(frozen=True)

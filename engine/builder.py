@@ -159,4 +159,5 @@ def build_engine(cfg: SpecFleetConfig):
     return SpecEngine(
         verifiers, drafters, draft_policy=policies.draft_length, router=policies.router,
         width=policies.width, default_drafter=policies.default_drafter, max_batch_size=cfg.verifier.max_batch_size,
+        pipelined=cfg.scheduler.mode == "pipelined", first_window=cfg.scheduler.first_window,
     )

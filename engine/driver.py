@@ -198,7 +198,8 @@ class EngineDriver:
         back = {o.round_id for o in exc.outcomes}
         for plan in plans:
             if plan.round_id not in back:
-                self.scheduler.on_verify_done(plan.round_id, failure, self.clock.now_ns())
+                self.scheduler.on_round_done(RoundOutcome(plan.round_id, plan.group, verify=failure),
+                                             self.clock.now_ns())
         group = exc.group
         if group is None or self.scheduler.available_groups in ([], [group]):
             # Nothing to move the requests to. What the other rounds brought back is kept

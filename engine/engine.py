@@ -19,6 +19,7 @@ from specfleet.core.serving import GenerationOutput
 from specfleet.drafters.base import Drafter
 from specfleet.engine.driver import EngineDriver
 from specfleet.engine.executor import InProcessExecutor, LocalDraftWorker, LocalVerifyWorker
+from specfleet.engine.pipeline import PipelinedScheduler
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.draft_length import DraftLengthPolicy, FixedDraftLength
 from specfleet.policy.routing import Router
@@ -43,6 +44,8 @@ class SpecEngine(EngineDriver):
         max_batch_size: int = 8,
         token_sink: Callable[[str, list[int]], None] | None = None,
         clock: Clock | None = None,
+        pipelined: bool = False,
+        first_window: int = 1,
     ):
         """``verifier``: one verifier, or one per verifier group (each its own copy of
         the target; requests are spread over them). ``max_batch_size`` is per group.
@@ -54,8 +57,9 @@ class SpecEngine(EngineDriver):
         self.verifier = verifiers[0]
         self.drafters = dict(drafters)
         runner = self.verifier.runner  # None for a no-compute fake: nothing to check prompts against
-        scheduler = Scheduler(
-            drafters=list(self.drafters), draft_length=draft_policy or FixedDraftLength(4),
+        pipeline = {"first_window": first_window} if pipelined else {}
+        scheduler = (PipelinedScheduler if pipelined else Scheduler)(
+            **pipeline, drafters=list(self.drafters), draft_length=draft_policy or FixedDraftLength(4),
             router=router, width=width, default_drafter=default_drafter or next(iter(self.drafters), None),
             groups=len(verifiers), max_batch_size=max_batch_size,
             eos_token_ids=self.verifier.eos_token_ids, decode=self.verifier.decode,

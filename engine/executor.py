@@ -34,6 +34,7 @@ from specfleet.core.workers import (
     VerifyReply,
     VerifyWorker,
     WorkerFailure,
+    ahead_requests,
     completed,
     run_each,
 )
@@ -98,7 +99,7 @@ class InProcessExecutor:
     def _run(self, plan: RoundPlan) -> RoundOutcome:
         start = time.perf_counter_ns()
         outcome = RoundOutcome(plan.round_id, plan.group)
-        replies = []
+        replies, by_drafter = [], {}
         for name, calls in plan.drafts.items():
             try:
                 reply = self.drafters[name].propose(calls).result()
@@ -108,10 +109,23 @@ class InProcessExecutor:
                 continue
             outcome.drafts[name] = reply
             replies.append(reply)
+            by_drafter[name] = reply
             outcome.draft_positions += max((len(p) for p in reply.proposals), default=0)
         verify_start = time.perf_counter_ns()
         outcome.draft_ns = verify_start - start  # drafters ran one after another
         outcome.verify = self.verifiers[plan.group].verify(plan.verify, replies).result()
+        # Drafting ahead (pipelined mode) after the verify: one thread here, so nothing
+        # overlaps (the Ray executor overlaps it with the verify); the tokens are the same.
+        for name, calls in plan.ahead.items():
+            if isinstance(outcome.drafts.get(name), WorkerFailure):
+                outcome.ahead[name] = outcome.drafts[name]
+                continue
+            try:
+                requests = ahead_requests(calls, by_drafter.get(name))
+                outcome.ahead[name] = self.drafters[name].propose(requests).result()
+            except Exception as exc:
+                logger.exception("drafter %r failed an ahead call", name)
+                outcome.ahead[name] = WorkerFailure(FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
         outcome.wall_ns = time.perf_counter_ns() - start
         return outcome
 

@@ -293,19 +293,16 @@ class Scheduler:
             raise ValueError(f"verifier group {group} is the last one available")
         self._now_ns = now_ns
         self._unavailable.add(group)
-        for round_id, rnd in list(self._rounds.items()):
-            if rnd.group == group:
-                del self._rounds[round_id]
-                for name, calls in rnd.draft_calls.items():  # the drafters may not have seen it
-                    for call in calls:
-                        if call.request_id in self._by_id:
-                            self._by_id[call.request_id].drafter_seen[name] = 0
+        for round_id in [i for i, rnd in self._rounds.items() if rnd.group == group]:
+            del self._rounds[round_id]
         self._busy.discard(group)
         moved = list(self._groups[group].values())
         self._groups[group] = {}
         for req in moved:
             req.group, req.verifier_seen = None, 0
             req.moved += 1
+            # The round that failed (or was dropped) may not have reached its drafters.
+            req.drafter_seen = dict.fromkeys(req.drafter_seen, 0)
         self._waiting.extendleft(reversed(moved))
         # A worker that comes back may still hold them (in process): free them there.
         if moved:
@@ -369,7 +366,7 @@ class Scheduler:
                 chosen = (batch_plan[rid] if batch_plan is not None
                           else self.draft_length.window(rid, now_ns=now_ns, load=load))
                 window = min(chosen, self._window_cap(req))
-            proposal, fusion = None, None
+            proposal, fusion = DraftProposal.empty(rid), None
             if window > 0:
                 if req.routed and self.router is not None:
                     team = self.router.cooperators(rid, req.domain, req.drafter, width=width.width,
@@ -377,16 +374,10 @@ class Scheduler:
                     req.drafter = team[0][0]  # the router may have moved the request
                 else:
                     team = ((req.drafter, 1.0),)
-                for name, _ in team:
-                    seen = req.drafter_seen.get(name, 0)
-                    drafts.setdefault(name, []).append(
-                        DraftRequest(rid, seen, req.tokens[seen:], window, req.sampling))
-                    req.drafter_seen[name] = len(req.tokens)
                 drafter_of[rid] = tuple(name for name, _ in team)
+                proposal = self._draft(req, team, window, drafts)
                 if len(team) > 1:
                     fusion = FusionPlan(team, width.max_nodes(window, len(team)))
-            else:
-                proposal = DraftProposal.empty(rid)
             verify.append(VerifyCall(rid, req.verifier_seen, req.tokens[req.verifier_seen :],
                                      req.sampling, proposal, fusion))
             req.verifier_seen = len(req.tokens)
@@ -397,6 +388,19 @@ class Scheduler:
             for r in requests.values()
         )
         return RoundPlan(round_id, group, drafts, verify, rounds_left)
+
+    def _draft(self, req: _Request, team: tuple[tuple[str, float], ...], window: int,
+               drafts: dict[str, list[DraftRequest]]) -> DraftProposal | None:
+        """Ask ``team`` to draft ``window`` tokens for ``req`` this round; the proposal
+        the verifier checks, or None: this round's drafter replies (lockstep: drafted
+        first, then verified). The pipelined scheduler (``engine/pipeline.py``) may
+        answer a draft made during the previous round instead."""
+        for name, _ in team:
+            seen = req.drafter_seen.get(name, 0)
+            drafts.setdefault(name, []).append(
+                DraftRequest(req.request_id, seen, req.tokens[seen:], window, req.sampling))
+            req.drafter_seen[name] = len(req.tokens)
+        return None
 
     # ---- events -----------------------------------------------------------------------------
     def on_round_done(self, outcome: RoundOutcome, now_ns: int) -> None:

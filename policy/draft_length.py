@@ -98,3 +98,31 @@ class AdaptiveDraftLength:
     def forget(self, request_id: str) -> None:
         self._alpha.pop(request_id, None)
         self._rounds_off.pop(request_id, None)
+
+
+@dataclass
+class PearlDraftLength:
+    """PEARL's window for pipelined speculation (``engine/pipeline.py``): drafting ahead
+    is hidden behind the verify while it takes no longer, so the window is what the
+    drafter drafts in one verify's time — ``1/c`` tokens, less the bonus position the
+    ahead draft also covers — whatever the acceptance (a rejected window costs no
+    verifier time that drafting would not have cost). c is measured, as above."""
+
+    max_length: int = 8
+    cost_ratio: float = 0.1  # prior c until timings are observed
+    timing_smoothing: float = 0.2
+
+    def window(self, request_id: str, *, now_ns: int = 0, load: LoadSnapshot | None = None) -> int:
+        per_verify = 1.0 / max(self.cost_ratio, 1e-6)
+        return max(1, min(self.max_length, round(per_verify) - 1))
+
+    def observe(self, request_id: str, drafted: int, accepted: int, *, now_ns: int = 0) -> None:
+        pass
+
+    def observe_timing(self, draft_ns_per_token: float, verify_ns: float, *, now_ns: int = 0) -> None:
+        if verify_ns > 0 and draft_ns_per_token > 0:
+            w = self.timing_smoothing
+            self.cost_ratio = (1 - w) * self.cost_ratio + w * (draft_ns_per_token / verify_ns)
+
+    def forget(self, request_id: str) -> None:
+        pass

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from specfleet.core.config import SpecFleetConfig
 from specfleet.policy.domains import classify_domain
-from specfleet.policy.draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
+from specfleet.policy.draft_length import (
+    AdaptiveDraftLength,
+    DraftLengthPolicy,
+    FixedDraftLength,
+    PearlDraftLength,
+)
 from specfleet.policy.goodput import GoodputDraftLength
 from specfleet.policy.learned_routing import LearnedRouter
 from specfleet.policy.routing import (
@@ -38,6 +43,9 @@ def build_draft_length(cfg: SpecFleetConfig) -> DraftLengthPolicy:
     sched = cfg.scheduler
     if not sched.adaptive:
         return FixedDraftLength(sched.draft_length)
+    if sched.window_policy == "pearl":
+        return PearlDraftLength(max_length=sched.max_draft_length, cost_ratio=sched.cost_ratio_prior,
+                                timing_smoothing=sched.timing_smoothing)
     if sched.window_policy == "goodput":
         return GoodputDraftLength(
             max_length=sched.max_draft_length,
