@@ -223,3 +223,49 @@ def test_output_is_plain_decoding_whatever_groups_give_up(prompts, budgets, grou
         assert step < 500
     assert [done[r].token_ids for r in ids] == [expected(p, s) for p, s in zip(prompts, samplings)]
     assert all(done[r].finish_reason == FinishReason.LENGTH for r in ids)
+
+
+# ---- real workers: lockstep and pipelined ------------------------------------------------------
+class _GivesUp:
+    """A group's worker past its restart budget from its ``after``-th call on."""
+
+    def __init__(self, worker, group: int, after: int = 2):
+        self.worker, self.group, self.after, self.calls = worker, group, after, 0
+
+    def verify(self, calls, drafts):
+        self.calls += 1
+        if self.calls >= self.after:
+            raise WorkerUnavailable(f"verifier group {self.group} is unavailable", group=self.group)
+        return self.worker.verify(calls, drafts)
+
+    def release(self, request_ids):
+        self.worker.release(request_ids)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_tiny_llama_two_groups_one_given_up_stays_exact(pipelined):
+    import torch
+
+    from specfleet.engine.engine import SpecEngine
+    from specfleet.models.llama_runner import LlamaRunner
+    from specfleet.policy.draft_length import FixedDraftLength
+    from specfleet.verifiers.verifier import Verifier
+    from tests.unit.test_engine_exact import PROMPTS as LLAMA_PROMPTS
+    from tests.unit.test_engine_exact import hf_greedy, model_drafter, tiny_llama
+
+    torch.set_num_threads(1)
+    target, new = tiny_llama(0), 14
+    verifiers = [Verifier(LlamaRunner(target, max_slots=8, max_seq_len=200)) for _ in range(2)]
+    engine = SpecEngine(verifiers, {"d": model_drafter(tiny_llama(7, layers=1), "d")},
+                        draft_policy=FixedDraftLength(3), max_batch_size=8, pipelined=pipelined)
+    victim = _GivesUp(engine.executor.verifiers[1], 1, after=3)
+    engine.executor.verifiers[1] = victim
+    outs = engine.generate(LLAMA_PROMPTS, SamplingParams(max_new_tokens=new, ignore_eos=True), drafter="d")
+    assert [o.token_ids for o in outs] == [hf_greedy(target, p, new) for p in LLAMA_PROMPTS]
+    assert all(o.finish_reason == FinishReason.LENGTH for o in outs)
+    assert victim.calls == 3 and engine.scheduler.unavailable_groups == [1]
+    assert [o.stats.verifier_group for o in outs] == [0, 0, 0, 0]
+    assert verifiers[0].active == []  # every slot freed; group 1's released on eviction
+    assert verifiers[1].active == []
+    if pipelined:
+        assert engine.scheduler.pipeline_hits > 0  # windows were drafted ahead, before and after
