@@ -256,7 +256,8 @@ def test_tiny_llama_two_groups_one_given_up_stays_exact(pipelined):
     torch.set_num_threads(1)
     target, new = tiny_llama(0), 14
     verifiers = [Verifier(LlamaRunner(target, max_slots=8, max_seq_len=200)) for _ in range(2)]
-    engine = SpecEngine(verifiers, {"d": model_drafter(tiny_llama(7, layers=1), "d")},
+    # The target drafting for itself: every window is accepted, so pipelined rounds hit.
+    engine = SpecEngine(verifiers, {"d": model_drafter(target, "d")},
                         draft_policy=FixedDraftLength(3), max_batch_size=8, pipelined=pipelined)
     victim = _GivesUp(engine.executor.verifiers[1], 1, after=3)
     engine.executor.verifiers[1] = victim
@@ -267,5 +268,6 @@ def test_tiny_llama_two_groups_one_given_up_stays_exact(pipelined):
     assert [o.stats.verifier_group for o in outs] == [0, 0, 0, 0]
     assert verifiers[0].active == []  # every slot freed; group 1's released on eviction
     assert verifiers[1].active == []
+    assert not any(engine.stats.draft_failures.values())  # the drafter's position contract held
     if pipelined:
-        assert engine.scheduler.pipeline_hits > 0  # windows were drafted ahead, before and after
+        assert engine.scheduler.pipeline_hits > 0  # windows were drafted ahead
