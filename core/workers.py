@@ -47,6 +47,9 @@ class WorkerUnavailable(RuntimeError):
         self.group = group
         self.outcomes = list(outcomes)
 
+    def __reduce__(self):  # keyword-only fields: pickled as state, not as arguments
+        return type(self), (str(self),), {"group": self.group, "outcomes": self.outcomes}
+
 
 @dataclass(frozen=True)
 class WorkerFailure:
