@@ -20,7 +20,10 @@ Failures become ``WorkerFailure`` values in the outcome: a drafter that fails, h
 past its timeout or is restarting costs its requests this round's drafts (the verify
 runs again with the drafts that did arrive); a lost verifier is replaced and its
 group's requests are re-sent whole by the scheduler. A bug inside a live verifier is
-raised to the driver.
+raised to the driver. A verifier group past its restart budget raises
+``WorkerUnavailable(group=N)`` after the other groups' rounds have finished; the
+driver evicts the group (no more rounds are planned for it) until
+``group_available`` says it is back.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from specfleet.core.workers import (
     RoundOutcome,
     RoundPlan,
     WorkerFailure,
+    run_each,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,17 +100,20 @@ class RayExecutor:
 
     # ---- rounds ------------------------------------------------------------------------
     def run_rounds(self, plans: Sequence[RoundPlan]) -> list[RoundOutcome]:
+        """A group given up raises ``WorkerUnavailable(group=N)`` once every other
+        group's round has finished; their outcomes ride on it (``run_each``)."""
         if not self.concurrent_drafts:
-            return [self._run_one_by_one(plan) for plan in plans]
-        outcomes: dict[int, RoundOutcome] = {}
+            return run_each(plans, self._run_one_by_one)
         if len(plans) == 1 and len(self.verifiers) == 1 and not plans[0].ahead:
             compiled = self._run_compiled(plans[0])
             if compiled is not None:
                 return [compiled]
-        launched = [self._launch(plan) for plan in plans]
-        for round_ in launched:
-            outcomes[round_.plan.round_id] = self._finish(round_)
-        return [outcomes[p.round_id] for p in plans]
+        launched = {plan.round_id: self._launch(plan) for plan in plans}
+        return run_each(plans, lambda plan: self._finish(launched[plan.round_id]))
+
+    def group_available(self, group: int) -> bool:
+        """Whether a given-up verifier group is back (the driver then restores it)."""
+        return self.verifiers[group].available()
 
     def _launch(self, plan: RoundPlan) -> _Launched:
         round_ = _Launched(plan, time.perf_counter_ns(), RoundOutcome(plan.round_id, plan.group))

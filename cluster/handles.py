@@ -15,7 +15,8 @@ owns what the distributed case adds to a call, and nothing about requests:
 - the actor's life itself is the ``ActorSupervisor``'s (``supervisor.py``), within
   its ``RestartBudget``; past the budget a drafter is left out of rounds (its
   requests go on with the other drafts or none, still exact) and a verifier group
-  raises ``WorkerUnavailable`` (its requests end UNAVAILABLE).
+  raises ``WorkerUnavailable(group=N)`` (its requests move to the other groups; they
+  end UNAVAILABLE only when no group is left).
 """
 
 from __future__ import annotations
@@ -230,8 +231,10 @@ class VerifierHandle(_Handle):
         run without it); its requests are re-sent whole by the scheduler and keep every
         committed token. A replacement that dies while starting is replaced again after
         the budget's backoff; once the restart budget is spent (N failures within T
-        seconds, or N in a row) the group is given up: ``WorkerUnavailable``, which the
-        server answers UNAVAILABLE, until the oldest failure leaves the window."""
+        seconds, or N in a row) the group is given up: ``WorkerUnavailable`` naming the
+        group. The driver moves its requests to the other groups (the server answers
+        UNAVAILABLE only when no group is left) until ``available`` says it is back: the
+        oldest failure has left the window and a new actor has loaded."""
         self._releases, self._unconfirmed = [], []
         supervisor = self.supervisor
         while supervisor.restart(why):
@@ -241,7 +244,13 @@ class VerifierHandle(_Handle):
             except Exception as exc:  # the replacement died or failed to load
                 why = f"its replacement failed to start ({type(exc).__name__})"
         raise WorkerUnavailable(f"verifier group {self.group} is unavailable after "
-                                f"{supervisor.budget.describe()}; retry later")
+                                f"{supervisor.budget.describe()}; retry later", group=self.group)
+
+    def available(self) -> bool:
+        """True when the group can take rounds; never blocks. A given-up group starts a
+        new actor once its restart budget allows (in the background), and is available
+        again when that actor has loaded."""
+        return self.supervisor.ready()
 
     def round_outcome(self, round_id: int, why: str) -> bytes | WorkerFailure:
         """After a failed compiled round: the round's reply if the verifier ran it, else

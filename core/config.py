@@ -242,8 +242,8 @@ class ClusterConfig:
     restart_max_failures: int = _f(
         5, "an actor (drafter or verifier group) that fails this many times within "
         "restart_window_s, or this many times in a row, is given up until its oldest failure "
-        "leaves the window: a verifier group's requests then end UNAVAILABLE, a drafter's go "
-        "on without its drafts", min=1,
+        "leaves the window: a verifier group's requests then move to the other groups (UNAVAILABLE "
+        "when none is left), a drafter's go on without its drafts", min=1,
     )
     restart_window_s: float = _f(60.0, "the window of restart_max_failures, in seconds", min=0)
     restart_backoff_s: float = _f(

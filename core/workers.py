@@ -17,7 +17,7 @@ position 0. Failures are values (``WorkerFailure``), never exceptions across the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,8 +33,22 @@ class FailureKind(str, Enum):
 
 
 class WorkerUnavailable(RuntimeError):
-    """A worker could not be brought back within its retry budget: the requests it
-    served cannot go on (servers answer them UNAVAILABLE)."""
+    """A worker could not be brought back within its retry budget.
+
+    ``group``: the verifier group given up, when one is (None: the whole step failed).
+    The driver then moves that group's requests to the other groups, and only when no
+    group is left do servers answer them UNAVAILABLE. ``outcomes``: what the step's
+    other plans returned (an executor finishes them before raising, so nothing they
+    committed is lost). The message is short and shown to clients."""
+
+    def __init__(self, message: str, *, group: int | None = None,
+                 outcomes: Sequence[RoundOutcome] = ()):
+        super().__init__(message)
+        self.group = group
+        self.outcomes = list(outcomes)
+
+    def __reduce__(self):  # keyword-only fields: pickled as state, not as arguments
+        return type(self), (str(self),), {"group": self.group, "outcomes": self.outcomes}
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,29 @@ class Housekeeping:
         for tokens in self.observed:
             for drafter in drafters.values():
                 drafter.observe_output(tokens)
+
+
+def run_each(plans: Sequence[RoundPlan], run: Callable[[RoundPlan], RoundOutcome]) -> list[RoundOutcome]:
+    """``run(plan)`` for every plan, in order, for executors' ``run_rounds``. A group
+    given up (``WorkerUnavailable``) does not cost the other plans their outcomes: they
+    are finished, and ride on the ``WorkerUnavailable`` of the first group given up (a
+    second one given up in the same step answers a failure, and raises next step)."""
+    outcomes: list[RoundOutcome] = []
+    given_up: WorkerUnavailable | None = None
+    for plan in plans:
+        try:
+            outcomes.append(run(plan))
+        except WorkerUnavailable as exc:
+            if exc.group is None:
+                raise  # the whole step failed
+            if given_up is None:
+                given_up = exc
+            else:
+                outcomes.append(RoundOutcome(plan.round_id, plan.group,
+                                             verify=WorkerFailure(FailureKind.UNAVAILABLE, str(exc))))
+    if given_up is not None:
+        raise WorkerUnavailable(str(given_up), group=given_up.group, outcomes=outcomes) from given_up
+    return outcomes
 
 
 class DraftWorker(Protocol):

@@ -246,8 +246,10 @@ class EngineBackend:
             if not self.engine.has_work:
                 continue
             try:
+                # A verifier group given up while another is available is evicted inside
+                # the step (its requests move, exactly): nobody fails for it.
                 finished = self.engine.step()
-            except WorkerUnavailable as exc:  # retries exhausted: the client may retry later
+            except WorkerUnavailable as exc:  # no group left to serve on: the client may retry later
                 logger.error("engine round failed: %s", exc)
                 self._fail_all(str(exc), ErrorCode.UNAVAILABLE)
                 continue
@@ -256,14 +258,17 @@ class EngineBackend:
                 self._fail_all(str(exc))
                 continue
             self._publish()
-            for out in finished:
-                if out.finish_reason == FinishReason.ERROR:  # this request alone failed
-                    error = ChunkError(ErrorCode.INTERNAL, out.error or "request failed")
-                    self._emit(GenerationChunk(out.request_id, [], error=error))
-                elif out.finish_reason != FinishReason.CANCELLED:
-                    self._emit(
-                        GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
-                    )
+            self._emit_finished(finished)
+
+    def _emit_finished(self, finished) -> None:
+        for out in finished:
+            if out.finish_reason == FinishReason.ERROR:  # this request alone failed
+                error = ChunkError(ErrorCode.INTERNAL, out.error or "request failed")
+                self._emit(GenerationChunk(out.request_id, [], error=error))
+            elif out.finish_reason != FinishReason.CANCELLED:
+                self._emit(
+                    GenerationChunk(out.request_id, [], out.finish_reason, out.stats, seed=out.seed)
+                )
 
     def _publish(self) -> None:
         """The load after this round, and the rounds' timings since the last call."""
@@ -297,4 +302,6 @@ class EngineBackend:
         for rid in self.engine.request_ids:
             self.engine.cancel(rid)
             self._emit(GenerationChunk(rid, [], error=ChunkError(code, message)))
-        self.engine.step()  # drain the cancelled outputs
+        # Drain the cancelled outputs; a request that finished in the failed step (another
+        # group's round came back) still gets its last chunk.
+        self._emit_finished(self.engine.step())

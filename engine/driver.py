@@ -27,7 +27,15 @@ from specfleet.core.sampling import draw_seed
 from specfleet.core.serving import GenerationOutput
 from specfleet.core.stats import RoundTiming, SpecDecodingStats
 from specfleet.core.types import SamplingParams
-from specfleet.core.workers import Executor, FailureKind, VerifyReply, WorkerFailure
+from specfleet.core.workers import (
+    Executor,
+    FailureKind,
+    RoundOutcome,
+    RoundPlan,
+    VerifyReply,
+    WorkerFailure,
+    WorkerUnavailable,
+)
 from specfleet.engine.scheduler import Scheduler
 from specfleet.policy.routing import DrafterProfile, Router
 
@@ -152,11 +160,19 @@ class EngineDriver:
         return [done[i] for i in ids]
 
     def step(self) -> list[GenerationOutput]:
-        """One round for every verifier group with requests; returns what finished."""
+        """One round for every verifier group with requests; returns what finished.
+
+        A verifier group given up (``WorkerUnavailable(group=N)``) is evicted while
+        another group is available: its requests move there, exactly, and the step
+        goes on; with no group left the error is raised (servers answer UNAVAILABLE).
+        An evicted group is restored once the executor reports it available again."""
+        self._restore_groups()
         plans = self.scheduler.next_rounds(self.clock.now_ns())
         if plans:
             try:
                 outcomes = self.executor.run_rounds(plans)
+            except WorkerUnavailable as exc:
+                outcomes = self._given_up(plans, exc)
             except BaseException as exc:
                 # Nothing of these rounds is committed; the requests resume from their
                 # committed tokens if the caller goes on (servers fail them instead).
@@ -172,6 +188,36 @@ class EngineDriver:
                                                     outcome.verify.compute_ns, outcome.group))
         self._housekeep()
         return self.scheduler.drain_finished()
+
+    def _given_up(self, plans: Sequence[RoundPlan], exc: WorkerUnavailable) -> list[RoundOutcome]:
+        """A group was given up: the rounds that did not come back commit nothing (their
+        requests resume from their committed tokens), and the group is evicted if
+        another one is available; else ``exc`` is raised. Returns the outcomes the
+        other groups' rounds did bring back, to be fed as usual."""
+        failure = WorkerFailure(FailureKind.UNAVAILABLE, str(exc))
+        back = {o.round_id for o in exc.outcomes}
+        for plan in plans:
+            if plan.round_id not in back:
+                self.scheduler.on_round_done(RoundOutcome(plan.round_id, plan.group, verify=failure),
+                                             self.clock.now_ns())
+        group = exc.group
+        if group is None or self.scheduler.available_groups in ([], [group]):
+            # Nothing to move the requests to. What the other rounds brought back is kept
+            # (requests finished there are returned by the next step).
+            for outcome in exc.outcomes:
+                self.scheduler.on_round_done(outcome, self.clock.now_ns())
+            raise exc
+        moved = self.scheduler.evict_group(group, self.clock.now_ns())
+        logger.warning("%s: evicting it; its %d requests move to verifier group(s) %s", exc,
+                       len(moved), ", ".join(map(str, self.scheduler.available_groups)))
+        return exc.outcomes
+
+    def _restore_groups(self) -> None:
+        available = getattr(self.executor, "group_available", None)
+        for group in self.scheduler.unavailable_groups:
+            if available is not None and available(group):
+                self.scheduler.restore_group(group)
+                logger.warning("verifier group %d is available again", group)
 
     def idle(self) -> None:
         """Servers call this when no request has come for a while: the executor

@@ -10,7 +10,9 @@ executor answer the same contract over actors and a simulated clock.
 Failures: a drafter that raises answers ``WorkerFailure(ERROR)`` and the round goes
 on without its drafts (still exact). A verifier that raises is a bug in this
 process: the exception propagates to the driver, which tells the scheduler (the
-group's requests resume from their committed tokens) and re-raises it.
+group's requests resume from their committed tokens) and re-raises it. A worker that
+raises ``WorkerUnavailable(group=N)`` (a stand-in for a remote group past its restart
+budget) costs the other plans nothing: they finish, and the driver evicts group N.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from specfleet.core.workers import (
     WorkerFailure,
     ahead_requests,
     completed,
+    run_each,
 )
 from specfleet.drafters.base import Drafter
 from specfleet.verifiers.verifier import Verifier
@@ -84,7 +87,14 @@ class InProcessExecutor:
         self.verifiers = list(verifiers)
 
     def run_rounds(self, plans: Sequence[RoundPlan]) -> list[RoundOutcome]:
-        return [self._run(plan) for plan in plans]
+        return run_each(plans, self._run)
+
+    def group_available(self, group: int) -> bool:
+        """Whether a verifier group given up (its worker raised ``WorkerUnavailable``)
+        is back: asked of the worker's ``available()`` where it has one. A plain
+        in-process verifier never gives up, so one without stays given up."""
+        available = getattr(self.verifiers[group], "available", None)
+        return bool(available()) if callable(available) else False
 
     def _run(self, plan: RoundPlan) -> RoundOutcome:
         start = time.perf_counter_ns()

@@ -28,7 +28,9 @@ lets them cooperate, their proposals then fused into one tree where they meet
 requests are verified without that drafter's drafts this round (and the drafter is
 reported down to the router for a moment); a failed verify call commits nothing and
 the requests are re-sent from their committed tokens to the (possibly replaced)
-verifier.
+verifier. A group given up for good (``evict_group``: past its restart budget) takes
+no admissions until ``restore_group``; its requests wait again at the front of the
+queue, keep their committed tokens, and are re-sent whole to another group.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class _Request:
     # was the scheduler's largest per-round cost).
     generated: list[int] = field(default_factory=list)
     group: int | None = None  # verifier group holding its KV, once admitted
+    moved: int = 0  # times its group was given up under it (it waited again, KV lost)
     verifier_seen: int = 0  # committed tokens the group's verifier has been sent
     drafter_seen: dict[str, int] = field(default_factory=dict)  # drafter → committed tokens sent
     stats: RequestStats = field(default_factory=RequestStats)
@@ -134,6 +137,7 @@ class Scheduler:
         self._by_id: dict[str, _Request] = {}
         self._rounds: dict[int, _Round] = {}  # in flight, by round id
         self._busy: set[int] = set()  # groups with a round in flight
+        self._unavailable: set[int] = set()  # groups given up (evict_group): no admissions
         self._finished: list[GenerationOutput] = []
         self._verifier_releases: dict[int, list[str]] = {}
         self._drafter_releases: dict[str, list[str]] = {}
@@ -197,7 +201,7 @@ class Scheduler:
         req = self._by_id.get(request_id)
         if req is None:
             return False
-        if req.group is None:
+        if req.group is None and not req.moved:  # no worker has seen it
             self._waiting.remove(req)
             del self._by_id[request_id]
             return True
@@ -228,7 +232,8 @@ class Scheduler:
         down = frozenset(d for d, until in self._down_until.items() if until > self._now_ns)
         return LoadSnapshot(
             waiting=len(self._waiting),
-            groups=tuple(GroupLoad(len(g), self.max_batch_size) for g in self._groups),
+            groups=tuple(GroupLoad(len(g), 0 if i in self._unavailable else self.max_batch_size)
+                         for i, g in enumerate(self._groups)),
             drafter_requests=users,
             drafters_down=down,
         )
@@ -263,16 +268,64 @@ class Scheduler:
                 else:
                     req.drafter = self.default_drafter if req.routed else None
 
+    # ---- verifier groups given up ---------------------------------------------------------
+    @property
+    def available_groups(self) -> list[int]:
+        """Verifier groups that take admissions (all but the evicted ones)."""
+        return [g for g in range(len(self._groups)) if g not in self._unavailable]
+
+    @property
+    def unavailable_groups(self) -> list[int]:
+        return sorted(self._unavailable)
+
+    def evict_group(self, group: int, now_ns: int) -> list[str]:
+        """A verifier group is given up (past its restart budget): its requests lost
+        their KV there. They go back to the front of the queue, in their order, keeping
+        every committed token, and are re-sent whole (position 0) to the group that
+        admits them next — the output stays exact. A round of the group still in flight
+        is dropped (a late reply for it is ignored). The group takes no admissions
+        until ``restore_group``. Raises ValueError for the last available group: with
+        none left the requests cannot be served (the server fails them UNAVAILABLE).
+        Returns the ids of the requests moved."""
+        if group in self._unavailable:
+            return []
+        if self.available_groups == [group]:
+            raise ValueError(f"verifier group {group} is the last one available")
+        self._now_ns = now_ns
+        self._unavailable.add(group)
+        for round_id in [i for i, rnd in self._rounds.items() if rnd.group == group]:
+            del self._rounds[round_id]
+        self._busy.discard(group)
+        moved = list(self._groups[group].values())
+        self._groups[group] = {}
+        for req in moved:
+            req.group, req.verifier_seen = None, 0
+            req.moved += 1
+            # The round that failed (or was dropped) may not have reached its drafters.
+            req.drafter_seen = dict.fromkeys(req.drafter_seen, 0)
+        self._waiting.extendleft(reversed(moved))
+        # A worker that comes back may still hold them (in process): free them there.
+        if moved:
+            self._verifier_releases.setdefault(group, []).extend(r.request_id for r in moved)
+        return [r.request_id for r in moved]
+
+    def restore_group(self, group: int) -> None:
+        """An evicted group is back (its executor says a new worker has loaded): it
+        takes admissions again from the next round; nothing moves back by itself."""
+        self._unavailable.discard(group)
+
     # ---- planning -----------------------------------------------------------------------
     def _admit(self, now_ns: int) -> None:
-        while self._waiting:
-            group = min(range(len(self._groups)), key=lambda g: (len(self._groups[g]), g))
+        groups = self.available_groups
+        while self._waiting and groups:
+            group = min(groups, key=lambda g: (len(self._groups[g]), g))
             if len(self._groups[group]) >= self.max_batch_size:
                 return
             req = self._waiting.popleft()
             req.group = group
             req.stats.verifier_group = group
-            req.stats.queue_ns = now_ns - req.arrival_ns
+            if not req.moved:  # the time to its first admission
+                req.stats.queue_ns = now_ns - req.arrival_ns
             self._groups[group][req.request_id] = req
 
     def next_rounds(self, now_ns: int) -> list[RoundPlan]:
@@ -351,7 +404,10 @@ class Scheduler:
 
     # ---- events -----------------------------------------------------------------------------
     def on_round_done(self, outcome: RoundOutcome, now_ns: int) -> None:
-        """Every reply of a round, in order: the drafters', then the verifier's."""
+        """Every reply of a round, in order: the drafters', then the verifier's. A round
+        dropped meanwhile (its group evicted) is ignored."""
+        if outcome.round_id not in self._rounds:
+            return
         for drafter, reply in outcome.drafts.items():
             self.on_draft_done(outcome.round_id, drafter, reply, now_ns)
         if outcome.draft_positions and isinstance(outcome.verify, VerifyReply):
@@ -363,8 +419,8 @@ class Scheduler:
 
     def on_draft_done(self, round_id: int, drafter: str, reply: DraftReply | WorkerFailure,
                       now_ns: int) -> None:
-        rnd = self._rounds[round_id]
-        if drafter not in self.drafters:  # removed while the round ran: nothing to track
+        rnd = self._rounds.get(round_id)
+        if rnd is None or drafter not in self.drafters:  # dropped, or removed while it ran
             return
         if isinstance(reply, WorkerFailure):
             self.stats.draft_failures[drafter] += 1
@@ -391,7 +447,9 @@ class Scheduler:
 
     def on_verify_done(self, round_id: int, reply: VerifyReply | WorkerFailure | None,
                        now_ns: int) -> None:
-        rnd = self._rounds.pop(round_id)
+        rnd = self._rounds.pop(round_id, None)
+        if rnd is None:  # dropped: its group was evicted while it ran
+            return
         self._busy.discard(rnd.group)
         if not isinstance(reply, VerifyReply):
             failure = reply or WorkerFailure(FailureKind.ERROR, "no reply")
@@ -449,9 +507,12 @@ class Scheduler:
 
     # ---- finishing ----------------------------------------------------------------------------
     def _finish(self, req: _Request, reason: FinishReason, *, error: str | None = None) -> None:
-        del self._groups[req.group][req.request_id]
+        if req.group is None:  # waiting again after an eviction (its release is queued)
+            self._waiting.remove(req)
+        else:
+            del self._groups[req.group][req.request_id]
+            self._verifier_releases.setdefault(req.group, []).append(req.request_id)
         del self._by_id[req.request_id]
-        self._verifier_releases.setdefault(req.group, []).append(req.request_id)
         for drafter in req.drafter_seen:
             if drafter in self.drafters:
                 self._drafter_releases.setdefault(drafter, []).append(req.request_id)

@@ -30,7 +30,9 @@ from specfleet.core.workers import (
     VerifyCall,
     VerifyReply,
     WorkerFailure,
+    WorkerUnavailable,
     completed,
+    run_each,
 )
 from specfleet.policy.fusion import credit, fuse
 
@@ -187,7 +189,10 @@ class ScriptedExecutor:
 
     Failures are injected per call: ``fail_draft[name] = kind`` makes the next call to
     that drafter fail, ``fail_verify[group] = kind`` the next verify of that group;
-    ``LOST`` also wipes the worker's state, as a replaced actor would.
+    ``LOST`` also wipes the worker's state, as a replaced actor would. A group in
+    ``given_up`` is past its restart budget: its verify raises
+    ``WorkerUnavailable(group=g)`` (its worker's state wiped) and ``group_available``
+    says False until the test takes it out again.
     """
 
     def __init__(self, drafters: Mapping[str, ScriptedDrafter], verifiers: Sequence[ScriptedVerifier],
@@ -201,40 +206,51 @@ class ScriptedExecutor:
         self.plans: list[RoundPlan] = []
         self.fail_draft: dict[str, FailureKind] = {}
         self.fail_verify: dict[int, FailureKind] = {}
+        self.given_up: set[int] = set()
         self.idled = 0
 
+    def group_available(self, group: int) -> bool:
+        return group not in self.given_up
+
     def run_rounds(self, plans: Sequence[RoundPlan]) -> list[RoundOutcome]:
-        outcomes = []
-        for plan in plans:
-            self.plans.append(plan)
-            outcome = RoundOutcome(plan.round_id, plan.group)
-            replies = []
-            for name, calls in plan.drafts.items():
-                kind = self.fail_draft.pop(name, None)
-                if kind is not None:
-                    if kind == FailureKind.LOST:
-                        self.drafters[name].lose_state()
-                    outcome.drafts[name] = WorkerFailure(kind, "injected")
-                    continue
-                reply = self.drafters[name].propose(calls).result()
-                outcome.drafts[name] = reply
-                replies.append(reply)
-                positions = max((len(p) for p in reply.proposals), default=0)
-                outcome.draft_positions += positions
-                outcome.draft_ns += positions * self.draft_ns_per_token
-            kind = self.fail_verify.pop(plan.group, None)
+        outcomes: list[RoundOutcome] = []
+        try:
+            return run_each(plans, lambda plan: self._run(plan, outcomes))
+        finally:
+            if self.clock is not None:  # groups run side by side: the step takes the slowest
+                self.clock.advance(max((o.wall_ns for o in outcomes), default=0))
+
+    def _run(self, plan: RoundPlan, outcomes: list[RoundOutcome]) -> RoundOutcome:
+        self.plans.append(plan)
+        outcome = RoundOutcome(plan.round_id, plan.group)
+        replies = []
+        for name, calls in plan.drafts.items():
+            kind = self.fail_draft.pop(name, None)
             if kind is not None:
                 if kind == FailureKind.LOST:
-                    self.verifiers[plan.group].lose_state()
-                outcome.verify = WorkerFailure(kind, "injected")
-            else:
-                reply = self.verifiers[plan.group].verify(plan.verify, replies).result()
-                outcome.verify = VerifyReply(reply.results, self.verify_ns, reply.unknown)
-            outcome.wall_ns = outcome.draft_ns + self.verify_ns
-            outcomes.append(outcome)
-        if self.clock is not None:  # groups run side by side: the step takes the slowest
-            self.clock.advance(max((o.wall_ns for o in outcomes), default=0))
-        return outcomes
+                    self.drafters[name].lose_state()
+                outcome.drafts[name] = WorkerFailure(kind, "injected")
+                continue
+            reply = self.drafters[name].propose(calls).result()
+            outcome.drafts[name] = reply
+            replies.append(reply)
+            positions = max((len(p) for p in reply.proposals), default=0)
+            outcome.draft_positions += positions
+            outcome.draft_ns += positions * self.draft_ns_per_token
+        if plan.group in self.given_up:
+            self.verifiers[plan.group].lose_state()
+            raise WorkerUnavailable(f"verifier group {plan.group} is unavailable", group=plan.group)
+        kind = self.fail_verify.pop(plan.group, None)
+        if kind is not None:
+            if kind == FailureKind.LOST:
+                self.verifiers[plan.group].lose_state()
+            outcome.verify = WorkerFailure(kind, "injected")
+        else:
+            reply = self.verifiers[plan.group].verify(plan.verify, replies).result()
+            outcome.verify = VerifyReply(reply.results, self.verify_ns, reply.unknown)
+        outcome.wall_ns = outcome.draft_ns + self.verify_ns
+        outcomes.append(outcome)
+        return outcome
 
     def add_drafter(self, name: str, worker: ScriptedDrafter) -> None:
         self.drafters[name] = worker
