@@ -184,6 +184,13 @@ class PipelinedScheduler(Scheduler):
         if sample is not None:
             self.cost_ratio = 0.8 * self.cost_ratio + 0.2 * sample / outcome.verify.compute_ns
 
+    def on_verify_done(self, round_id: int, reply, now_ns: int) -> None:
+        # Reached directly (not through on_round_done) when a whole step failed: the
+        # round's ahead bookkeeping goes with it (what the drafters were told stays
+        # valid: nothing was committed).
+        self._ahead_of_round.pop(round_id, None)
+        super().on_verify_done(round_id, reply, now_ns)
+
     def _ahead_failed(self, name: str, aheads: dict[str, _Ahead], reply) -> None:
         """A failed ahead call: its requests are re-sent whole to that drafter."""
         if name not in self.drafters:

@@ -199,3 +199,25 @@ def test_self_drafter_sampled_pipeline_hits(target):
     (out,) = engine.generate([PROMPTS[0]], params, drafter="d")
     assert out.token_ids == plain
     assert engine.scheduler.pipeline_hits > 0
+
+
+def test_a_failed_step_leaves_no_ahead_bookkeeping_and_loses_nothing(target):
+    engine = make_engine(target, {"d": model_drafter(target, "d")})
+    rid = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=20), drafter="d")
+    engine.step()
+    engine.step()
+    worker = engine.executor.verifiers[0]
+    real = worker.verify
+
+    def fail_once(calls, drafts):
+        worker.verify = real
+        raise RuntimeError("verifier bug")
+
+    worker.verify = fail_once
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert not engine.scheduler._ahead_of_round
+    done = {}
+    while engine.has_work:
+        done.update((o.request_id, o) for o in engine.step())
+    assert done[rid].token_ids == hf_greedy(target, PROMPTS[0], 20)
