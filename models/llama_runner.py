@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from specfleet.models.kernels import Linear, pack_linear, resolve_kernel
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -99,6 +101,28 @@ class _Layer:
     down: torch.Tensor
 
 
+@dataclass
+class _LayerLinears:
+    """One layer's linears on the runner's kernel path (models/kernels.py)."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    @classmethod
+    def pack(cls, layer: _Layer, kernel: str) -> _LayerLinears:
+        return cls(
+            q=pack_linear(layer.q, layer.q_bias, kernel), k=pack_linear(layer.k, layer.k_bias, kernel),
+            v=pack_linear(layer.v, layer.v_bias, kernel), o=pack_linear(layer.o, None, kernel),
+            gate=pack_linear(layer.gate, None, kernel), up=pack_linear(layer.up, None, kernel),
+            down=pack_linear(layer.down, None, kernel),
+        )
+
+
 class LlamaRunner:
     """Forward passes over a slot-based KV cache. Not thread-safe; one owner."""
 
@@ -112,12 +136,15 @@ class LlamaRunner:
         dtype: str | torch.dtype = "float32",
         tp_group: TPGroup | None = None,
         num_layers: int | None = None,
+        kernel: str = "default",
     ):
         """``tp_group``: this rank's tensor-parallel group (None or size 1: unsharded).
         Every rank of the group must make the same sequence of calls (see module doc).
         ``num_layers``: run only the first k decoder layers, then the final norm and LM
         head — an early-exit copy of the model (a self-speculative drafter) that shares
-        its weight tensors and has its own KV cache for those layers."""
+        its weight tensors and has its own KV cache for those layers.
+        ``kernel``: the linear layers' path (``default``, ``mkldnn``, ``auto``; see
+        models/kernels.py); non-default paths pack a copy of each weight once, here."""
         cfg = model.config
         check_supported(cfg, max_seq_len)
         tp_size = 1 if tp_group is None else tp_group.size()
@@ -165,6 +192,9 @@ class LlamaRunner:
                 shard_layer(self._extract_layer(layer), self.tp_rank, tp_size, move)
                 for layer in inner.layers[:num_layers]
             ]
+        self.kernel = resolve_kernel(kernel, self.dtype, self.device)
+        self.linears = [_LayerLinears.pack(layer, self.kernel) for layer in self.layers]
+        self.lm_head_linear = pack_linear(self.lm_head, None, self.kernel)
         shape = (max_slots, max_seq_len, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -289,12 +319,12 @@ class LlamaRunner:
 
         cos, sin = self._rope(positions)
         hidden = F.embedding(input_ids, self.embed)
-        for li, layer in enumerate(self.layers):
+        for li, (layer, lin) in enumerate(zip(self.layers, self.linears)):
             residual = hidden
             x = _rms_norm(hidden, layer.input_norm, self.eps)
-            q = F.linear(x, layer.q, layer.q_bias).view(batch, seq, self.num_heads, self.head_dim)
-            k = F.linear(x, layer.k, layer.k_bias).view(batch, seq, self.num_kv_heads, self.head_dim)
-            v = F.linear(x, layer.v, layer.v_bias).view(batch, seq, self.num_kv_heads, self.head_dim)
+            q = lin.q(x).view(batch, seq, self.num_heads, self.head_dim)
+            k = lin.k(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+            v = lin.v(x).view(batch, seq, self.num_kv_heads, self.head_dim)
             q, k = _apply_rope(q, k, cos, sin)
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
             k_cache[slot_idx, wpos] = k[wb, wi]
@@ -313,10 +343,10 @@ class LlamaRunner:
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
             attn = attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-            hidden = residual + self._all_reduce(F.linear(attn, layer.o))
+            hidden = residual + self._all_reduce(lin.o(attn))
             residual = hidden
             x = _rms_norm(hidden, layer.post_norm, self.eps)
-            mlp = F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+            mlp = lin.down(F.silu(lin.gate(x)) * lin.up(x))
             hidden = residual + self._all_reduce(mlp)
 
         # Only the requested rows go through the final norm and the LM head.
@@ -329,7 +359,7 @@ class LlamaRunner:
         if not row_b:
             return [torch.empty(0, self.vocab_size) for _ in items]
         picked = hidden[torch.tensor(row_b, device=dev), torch.tensor(row_i, device=dev)]
-        logits = F.linear(_rms_norm(picked, self.final_norm, self.eps), self.lm_head).float()
+        logits = self.lm_head_linear(_rms_norm(picked, self.final_norm, self.eps)).float()
         return list(torch.split(logits.cpu(), counts))
 
     def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
