@@ -90,9 +90,10 @@ class VerifierConfig:
     dtype: DType = _f("float32", "target weights/activations dtype")
     kernel: Kernel = _f(
         "default", "linear-layer path of the target's runner (and of the in-process engine's drafters) "
-        "(models/kernels.py): default: torch's F.linear (MKL on CPU), a verify row differs from the "
-        "same token decoded alone in the last bits; mkldnn: CPU only, weights packed once at load for "
-        "oneDNN, each row bit-identical whatever the rows verified with it (attention is not yet), "
+        "(models/kernels.py): default: torch's F.linear (MKL on CPU) and batched SDPA, a verified token's "
+        "logits differ from the same token decoded alone in the last bits; mkldnn: CPU only, weights "
+        "packed once at load for oneDNN and attention one query row at a time, so logits are bit-identical "
+        "however tokens are batched (speculative greedy == autoregressive greedy by construction), "
         "measured in docs/benchmarks.md (issue 21); auto: mkldnn where available, else default. "
         "tp_size > 1 runs default"
     )

@@ -10,18 +10,25 @@ Paths (measured on this repo's CPU machine by ``specfleet bench kernels``, see
 docs/benchmarks.md, "Verify kernels on this CPU (issue 21)"):
 
 - ``default``: ``torch.nn.functional.linear`` on the dense weight (MKL on CPU, cuBLAS
-  on CUDA). MKL picks a different kernel for one row than for several, so the logits of
+  on CUDA) and one batched SDPA call per layer. Both block their GEMMs by the number of
+  rows (MKL even picks another kernel for one row than for several), so the logits of
   a token verified inside a k-token chain differ in the last bits from the same token
   decoded alone (~1e-6 relative): exact greedy output then rests on no near-tie of the
   top two logits falling inside that noise.
-- ``mkldnn``: fp32/bf16 on CPU through oneDNN: each weight is reordered once into
-  oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op
-  torch.compile's CPU backend packs with) and applied with
-  ``torch.ops.mkldnn._linear_pointwise``. Packed for a batch hint >= 2, the kernel
-  computes every row with the same reduction order whatever the number of rows
-  (checked bit for bit by ``batch_invariant`` and tests/unit/test_kernels.py), so a
-  verify's logits equal decode's exactly. Private torch ops: ``available()`` says
-  whether this build has them; bf16 needs AVX-512 (or AVX-NE-CONVERT) in oneDNN.
+- ``mkldnn``: fp32/bf16 on CPU through oneDNN, batch-invariant end to end: each
+  weight is reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``, the op torch.compile's CPU backend
+  packs with) and applied with ``torch.ops.mkldnn._linear_pointwise``. Packed for a
+  batch hint >= 2 that kernel computes every row with the same reduction order
+  whatever the number of rows (checked bit for bit by ``batch_invariant``); attention
+  runs one query row at a time over exactly its visible keys (``row_attention``). So a
+  token's logits are the same bits whether it is decoded alone, verified in a chain or
+  a tree, or batched with other requests (tests/unit/test_kernels.py): speculative
+  greedy output equals our own non-speculative greedy output without relying on the
+  absence of near-ties, for as long as the kernels stay row-invariant (the tests check
+  it on each build). The cost: B x S small attention calls per layer (prefill
+  of a long prompt pays most). Private torch ops: ``available()`` says whether this
+  build has them; bf16 needs AVX-512 (or AVX-NE-CONVERT) in oneDNN.
 - ``auto``: ``resolve_kernel`` picks ``mkldnn`` where it is available for the dtype and
   device (CPU), else ``default``.
 """
@@ -125,3 +132,40 @@ def batch_invariant(linear: Linear, in_features: int, dtype=torch.float32, rows=
             if not torch.equal(full[r : r + 1], linear(x[r : r + 1])):
                 return False
     return True
+
+
+# ---- batch-invariant attention (the mkldnn path) -------------------------------------
+# torch's SDPA computes a query row differently depending on how many rows it is given
+# (its q@k^T is a GEMM blocked by the query count), so the ``mkldnn`` path attends one
+# query row at a time over exactly the keys it sees: the same call, on the same values,
+# as when that token is decoded alone. A row's keys are a view of the cache for a chain
+# (positions [0, length)), or a gather of the prefix and its tree ancestors.
+RowKeys = tuple[int, int, int, "int | torch.Tensor"]  # (batch row, token index, slot, length or positions)
+
+
+def row_keys(b: int, slot: int, base: int, visible: torch.Tensor) -> list[RowKeys]:
+    """The keys each of one request's ``n`` new tokens attends to (``visible``: [n, n])."""
+    out: list[RowKeys] = []
+    for i in range(visible.shape[0]):
+        ancestors = visible[i, : i + 1].nonzero().flatten()
+        if len(ancestors) == i + 1:  # a chain so far: a contiguous prefix of the cache
+            out.append((b, i, slot, base + i + 1))
+        else:
+            out.append((b, i, slot, torch.cat((torch.arange(base), ancestors + base))))
+    return out
+
+
+def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: list[RowKeys],
+                  enable_gqa: bool) -> torch.Tensor:
+    """Attention output ``[B, S, H, D]`` for ``q`` ``[B, S, H, D]``, one query row per call;
+    rows not listed (padding) are zero."""
+    out = torch.zeros_like(q)
+    for b, i, slot, keys in rows:
+        if isinstance(keys, int):
+            k, v = k_cache[slot : slot + 1, :keys], v_cache[slot : slot + 1, :keys]
+        else:
+            k, v = k_cache[slot, keys][None], v_cache[slot, keys][None]
+        o = F.scaled_dot_product_attention(q[b : b + 1, i : i + 1].transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), enable_gqa=enable_gqa)
+        out[b, i] = o[0, :, 0]
+    return out

@@ -28,6 +28,9 @@ matching columns of o (column-wise then row-wise), the same for gate/up and down
 and sums the row-parallel partial outputs with one all-reduce after o and one after
 down. Its KV cache holds only its own kv heads. Embeddings, norms and the LM head
 stay whole on every rank. With T == 1 (or no group) nothing changes.
+
+Kernel paths (``kernel=``, ``verifier.kernel``): the linears and attention run either
+torch's defaults or the batch-invariant oneDNN path of ``models/kernels.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from specfleet.models.kernels import Linear, pack_linear, resolve_kernel
+from specfleet.models.kernels import Linear, pack_linear, resolve_kernel, row_attention, row_keys
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -294,6 +297,7 @@ class LlamaRunner:
         positions = torch.zeros(batch, seq, dtype=torch.long)
         mask = torch.zeros(batch, 1, seq, kv_len, dtype=torch.bool)
         write_b, write_i, write_pos = [], [], []
+        attn_rows = []  # mkldnn: each token's keys, for attention one query row at a time
         for b, (it, base) in enumerate(zip(items, bases)):
             n = len(it.tokens)
             input_ids[b, :n] = torch.tensor(it.tokens, dtype=torch.long)
@@ -301,6 +305,8 @@ class LlamaRunner:
             positions[b, :n] = depth + base
             mask[b, 0, :n, :base] = True
             mask[b, 0, :n, base : base + n] = visible
+            if self.kernel == "mkldnn":
+                attn_rows += row_keys(b, self._slots[it.request_id], base, visible)
             mask[b, 0, n:, 0] = True  # padding rows attend somewhere to avoid NaN; ignored
             write_b += [b] * n
             write_i += range(n)
@@ -329,20 +335,11 @@ class LlamaRunner:
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
             k_cache[slot_idx, wpos] = k[wb, wi]
             v_cache[slot_idx, wpos] = v[wb, wi]
-            if contiguous:
-                keys = k_cache[slots[0] : slots[0] + batch, :kv_len]
-                values = v_cache[slots[0] : slots[0] + batch, :kv_len]
+            if self.kernel == "mkldnn":
+                attn = row_attention(q, k_cache, v_cache, attn_rows, self.num_kv_heads != self.num_heads)
+                attn = attn.reshape(batch, seq, self.num_heads * self.head_dim)
             else:
-                keys = k_cache[slot_tensor, :kv_len]
-                values = v_cache[slot_tensor, :kv_len]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2),  # [B, H, S, D]
-                keys.transpose(1, 2),  # [B, KVH, L, D]
-                values.transpose(1, 2),
-                attn_mask=mask,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            attn = attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+                attn = self._attention(q, k_cache, v_cache, mask, slots, slot_tensor, kv_len, contiguous)
             hidden = residual + self._all_reduce(lin.o(attn))
             residual = hidden
             x = _rms_norm(hidden, layer.post_norm, self.eps)
@@ -361,6 +358,24 @@ class LlamaRunner:
         picked = hidden[torch.tensor(row_b, device=dev), torch.tensor(row_i, device=dev)]
         logits = self.lm_head_linear(_rms_norm(picked, self.final_norm, self.eps)).float()
         return list(torch.split(logits.cpu(), counts))
+
+    def _attention(self, q, k_cache, v_cache, mask, slots, slot_tensor, kv_len, contiguous):
+        """SDPA over the batch at once (default path) → ``[B, S, H * D]``."""
+        batch, seq = q.shape[:2]
+        if contiguous:
+            keys = k_cache[slots[0] : slots[0] + batch, :kv_len]
+            values = v_cache[slots[0] : slots[0] + batch, :kv_len]
+        else:
+            keys = k_cache[slot_tensor, :kv_len]
+            values = v_cache[slot_tensor, :kv_len]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, S, D]
+            keys.transpose(1, 2),  # [B, KVH, L, D]
+            values.transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
     def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum a row-parallel output ``[B, S, hidden]`` over the group (in place)."""

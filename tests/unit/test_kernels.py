@@ -67,6 +67,41 @@ def test_mkldnn_runner_matches_default_logits(target):
 
 
 @needs_mkldnn
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mkldnn_logits_are_bit_identical_however_tokens_are_batched(threads):
+    """A token's logits: decoded alone == verified in a chain == in a tree == batched
+    with another request == prefilled in a ragged batch, bit for bit."""
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+        r = LlamaRunner(model, max_slots=4, max_seq_len=128, kernel="mkldnn")
+        prompt, chunk = list(range(1, 30)), [5, 9, 11, 40, 2]
+        r.allocate("a")
+        r.forward([ForwardItem("a", prompt, logit_rows=[])])
+        decoded = torch.cat([r.forward([ForwardItem("a", [t])])[0] for t in chunk])
+        r.truncate("a", len(prompt))
+        assert torch.equal(r.forward([ForwardItem("a", chunk)])[0], decoded)
+        r.allocate("b")
+        r.forward([ForwardItem("b", [3, 4, 5, 6, 7, 8, 9, 10, 11], logit_rows=[])])
+        r.truncate("a", len(prompt))
+        batched = r.forward([ForwardItem("b", [1, 2, 3]), ForwardItem("a", chunk)])[1]
+        assert torch.equal(batched, decoded)
+        r.truncate("a", len(prompt))  # a tree whose second branch holds chunk[:3]
+        tree = r.forward([ForwardItem("a", [77, chunk[0], chunk[1], 3, chunk[2]], parents=[-1, -1, 1, 0, 2])])
+        assert torch.equal(tree[0][[1, 2, 4]], decoded[:3])
+        fresh = LlamaRunner(model, max_slots=2, max_seq_len=128, kernel="mkldnn")
+        fresh.allocate("x")
+        fresh.allocate("a")
+        ragged = fresh.forward([ForwardItem("x", [8] * 40), ForwardItem("a", prompt + chunk)])[1]
+        assert torch.equal(ragged[len(prompt):], decoded)
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_mkldnn
 def test_packing_leaves_the_hf_model_unchanged(target):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     ptrs = {k: v.data_ptr() for k, v in target.state_dict().items()}
