@@ -121,7 +121,7 @@ def _kernels(args) -> int:
     from specfleet.benchmarks.kernel_bench import KernelSettings, format_table, plot, run
 
     threads = tuple(int(t) for t in args.threads.split(","))
-    settings = KernelSettings(quick=args.quick, threads=threads, reps=15 if args.quick else 40,
+    settings = KernelSettings(quick=args.quick, threads=threads, reps=15 if args.quick else 20,
                               forward_reps=7 if args.quick else 15)
     report = run(settings)
     print(f"machine: {report['machine']}")

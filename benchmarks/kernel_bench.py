@@ -11,7 +11,8 @@ kernels on this CPU (issue 21)". One process measures, in one run:
   1, 2, 3, 5, 9, 17 x batch 1 (4, 8 without ``--quick``) x paths x threads 1 and 2.
   Weights are cold as in a real step: each call uses the next of enough copies to
   exceed the L3 cache three times over. Paths are interleaved call by call; medians.
-  The roofline of a case is max(bytes moved / read bandwidth, FLOPs / peak);
+  The roofline of a case is max(bytes moved / read bandwidth, FLOPs / fp32 matmul peak)
+  (without AVX-512 bf16 arithmetic is fp32 FMAs, so the fp32 peak bounds bf16 too);
 - the full forward of ``target-xl`` through ``LlamaRunner`` (the zoo's weights if
   built, else random weights of its shape) for 1 and 5 tokens after a 96-token
   prompt, per path: ``verify5_over_decode``.
@@ -102,8 +103,8 @@ def machine_limits(threads: int, mb: int = 256) -> dict:
     copy = 2 * nbytes / _median_time(lambda: b.copy_(a), 9) / 1e9
     out = {"threads": threads, "read_gb_s": read, "copy_gb_s": copy}
     for dt in (torch.float32, torch.bfloat16):
-        m = torch.randn(512, 512).to(dt)
-        out[f"peak_gflop_s_{str(dt).split('.')[-1]}"] = 2 * 512**3 / _median_time(lambda m=m: m @ m, 15) / 1e9
+        m = torch.randn(768, 768).to(dt)
+        out[f"peak_gflop_s_{str(dt).split('.')[-1]}"] = 2 * 768**3 / _median_time(lambda m=m: m @ m, 7) / 1e9
     return out
 
 
@@ -136,7 +137,9 @@ def time_linears(settings: KernelSettings, limits: dict[int, dict], progress=Non
                             m = batch * tokens
                             nbytes = elem * (out_f * in_f + m * (in_f + out_f))
                             flops = 2 * m * out_f * in_f
-                            peak = lim["peak_gflop_s_bfloat16" if elem == 2 else "peak_gflop_s_float32"]
+                            # AVX2 has no bf16 arithmetic: bf16 runs as fp32 FMAs, so the fp32
+                            # FMA peak bounds both dtypes' compute.
+                            peak = lim["peak_gflop_s_float32"]
                             roof = max(nbytes / (lim["read_gb_s"] * 1e9), flops / (peak * 1e9))
                             sec = statistics.median(samples[p])
                             rows.append({"model": model, "linear": name, "out": out_f, "in": in_f,
@@ -179,6 +182,11 @@ def full_forward(settings: KernelSettings, context: int = 96) -> list[dict]:
     for label, dtype, kernel in arms:
         m = model if dtype == "float32" else _copy_in(model, torch.bfloat16)
         runners[label] = LlamaRunner(m, max_slots=1, max_seq_len=context + 32, dtype=dtype, kernel=kernel)
+    # Packed linears with the default batched SDPA (not a configurable path: it shows what
+    # the mkldnn path's row-at-a-time attention costs).
+    hybrid = LlamaRunner(model, max_slots=1, max_seq_len=context + 32, kernel="mkldnn")
+    hybrid.kernel = "default"  # forward() then takes the batched SDPA; linears stay packed
+    runners["fp32-mkldnn-linears+sdpa"] = hybrid
     prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(1))
     out = []
     for threads in settings.threads:
@@ -271,7 +279,7 @@ def format_table(report: dict) -> str:
                 lines.append(f"  {path:<19}" + "  ".join(f"{c:>19}" for c in cells))
     lines.append("\nfull forward, LlamaRunner, 96-token context, batch 1: decode ms / verify-5 ms / ratio")
     for r in report["full_forward"]:
-        lines.append(f"  {r['model']}, {r['threads']} thr, {r['path']:<13} {r['decode_s'] * 1e3:7.2f} "
+        lines.append(f"  {r['model']}, {r['threads']} thr, {r['path']:<25} {r['decode_s'] * 1e3:7.2f} "
                      f"{r['verify5_s'] * 1e3:7.2f}  {r['verify5_over_decode']:.2f}")
     return "\n".join(lines)
 
@@ -290,9 +298,9 @@ def plot(report: dict, path: str) -> None:
             ax = axes[i][j]
             rows = [r for r in report["step_linears"] if r["model"] == model and r["threads"] == th
                     and r["batch"] == 1]
-            for path in PATHS:
-                pts = sorted((r["tokens"], r["seconds"] * 1e3) for r in rows if r["path"] == path)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=path)
+            for kernel_path in PATHS:
+                pts = sorted((r["tokens"], r["seconds"] * 1e3) for r in rows if r["path"] == kernel_path)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kernel_path)
             for elem, style in (("fp32", "--"), ("bf16", ":")):
                 pts = sorted((r["tokens"], r["roofline_seconds"] * 1e3) for r in rows
                              if r["path"] == f"{elem}-default")
