@@ -81,6 +81,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--plot", metavar="PNG", help="write goodput and latency vs load as PNG")
     load.set_defaults(handler=_load)
 
+    kern = sub.add_parser(
+        "kernels",
+        help="the runner's linears per kernel path (fp32 default/oneDNN, bf16) vs the measured roofline",
+    )
+    kern.add_argument("--quick", action="store_true", help="batch 1 only, fewer repetitions")
+    kern.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated (default: 1,2)")
+    kern.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    kern.add_argument("--plot", metavar="PNG", help="write time vs tokens per path as PNG")
+    kern.set_defaults(handler=_kernels)
+
+    exact = sub.add_parser("kernel-exactness",
+                           help="greedy divergence per verifier.kernel path: spec vs our AR vs HF generate")
+    exact.add_argument("--targets", default="zoo:tiny/target,zoo:small/target-xl",
+                       help="zoo targets, comma-separated (default: zoo:tiny/target,zoo:small/target-xl)")
+    exact.add_argument("--kernels", default="default,mkldnn", help="paths (default: default,mkldnn)")
+    exact.add_argument("--prompts", type=int, default=3, help="held-out prompts per domain (default: 3)")
+    exact.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sequence (default: 128)")
+    exact.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    exact.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    exact.set_defaults(handler=_kernel_exactness)
+
     val = sub.add_parser(
         "sim-validate",
         help="the simulator against the real in-process engine on the same arrivals (small zoo)",
@@ -94,6 +115,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="requests of the 64-drafter, 8-group H200 speed run (default: 10000)")
     val.add_argument("--configs", help="comma-separated subset of the validation configs")
     val.set_defaults(handler=_sim_validate)
+
+
+def _kernels(args) -> int:
+    from specfleet.benchmarks.kernel_bench import KernelSettings, format_table, plot, run
+
+    threads = tuple(int(t) for t in args.threads.split(","))
+    settings = KernelSettings(quick=args.quick, threads=threads, reps=15 if args.quick else 20,
+                              forward_reps=7 if args.quick else 15)
+    report = run(settings)
+    print(f"machine: {report['machine']}")
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def _kernel_exactness(args) -> int:
+    from specfleet.benchmarks.kernel_exactness import ExactnessSettings, format_table, run
+
+    settings = ExactnessSettings(targets=args.targets.split(","), kernels=args.kernels.split(","),
+                                 prompts_per_domain=args.prompts, max_new_tokens=args.max_new_tokens,
+                                 threads=args.threads)
+    report = run(settings)
+    print(f"machine: {report['machine']}")
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
 
 
 def _checkpoint_engine(args) -> int:

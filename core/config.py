@@ -21,6 +21,7 @@ DrafterKind = Literal["model", "ngram", "suffix", "early_exit"]
 Domain = Literal["general", "code", "prose", "data"]
 Device = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
+Kernel = Literal["default", "mkldnn", "auto"]
 
 
 def config_field(default, help: str, **meta):
@@ -87,6 +88,15 @@ class VerifierConfig:
     count: int = _f(1, "verifier groups, each a copy of the target (own placement group on Ray); requests go to the least loaded; max_batch_size is per group", min=1)
     device: Device = _f("cpu", "device for the target model")
     dtype: DType = _f("float32", "target weights/activations dtype")
+    kernel: Kernel = _f(
+        "default", "linear-layer path of the target's runner (and of the in-process engine's drafters) "
+        "(models/kernels.py): default: torch's F.linear (MKL on CPU) and batched SDPA, a verified token's "
+        "logits differ from the same token decoded alone in the last bits; mkldnn: CPU only, weights "
+        "packed once at load for oneDNN and attention one query row at a time, so logits are bit-identical "
+        "however tokens are batched (speculative greedy == autoregressive greedy by construction), "
+        "measured in docs/benchmarks.md (issue 21); auto: mkldnn where available, else default. "
+        "tp_size > 1 runs default"
+    )
     max_batch_size: int = _f(8, "requests verified together in one forward pass", min=1)
     max_seq_len: int | None = _f(
         None, "prompt + generated tokens per request (KV cache size); default: the checkpoint's context "
@@ -96,6 +106,10 @@ class VerifierConfig:
         4096, "memory budget of one group's KV cache; bounds the default max_seq_len", min=1
     )
     resources: ResourcesConfig = _f(ResourcesConfig, "Ray resources for each TP rank")
+
+    def __post_init__(self):
+        if self.kernel == "mkldnn" and (self.tp_size > 1 or self.device != "cpu"):
+            raise ValueError("kernel: mkldnn runs only with device cpu and tp_size 1 (use default or auto)")
 
 
 @dataclass(frozen=True)

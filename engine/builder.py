@@ -18,13 +18,14 @@ logger = logging.getLogger(__name__)
 
 def build_drafter(
     cfg: DrafterConfig, *, target: str, max_slots: int, max_seq_len: int, device: str = "cpu",
-    target_model=None, target_dtype: str = "float32",
+    target_model=None, target_dtype: str = "float32", kernel: str = "default",
 ) -> Drafter:
     """One drafter from its config; model drafters are checked against the target's vocabulary.
 
     An ``early_exit`` drafter runs the target's first layers: on ``target_model`` (the
     verifier's loaded HF model, in ``target_dtype``) when given — one copy of the
-    weights in memory — else on its own load of ``target`` (its own actor)."""
+    weights in memory — else on its own load of ``target`` (its own actor). ``kernel``:
+    the runner's linear path (``verifier.kernel``; a packed path packs its own copy)."""
     if cfg.kind == "ngram":
         from specfleet.drafters.ngram import NgramDrafter
 
@@ -47,14 +48,15 @@ def build_drafter(
             raise ValueError(f"drafters[{cfg.name}].exit_layer: {k} must be below the target's "
                              f"{total} layers")
         runner = LlamaRunner(model, max_slots=max_slots, max_seq_len=max_seq_len, device=device,
-                             dtype=target_dtype, num_layers=k)
+                             dtype=target_dtype, num_layers=k, kernel=kernel)
         return ModelDrafter(runner, name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
 
     key = f"drafters[{cfg.name}].model"
     path = resolve_model_path(cfg.model, config_key=key)
     check_same_vocabulary(resolve_model_path(target, config_key="models.target"), path, cfg.name)
     model = load_causal_lm(str(path), device=device, dtype="float32", config_key=key)
-    runner = LlamaRunner(model, max_slots=max_slots, max_seq_len=max_seq_len, device=device)
+    runner = LlamaRunner(model, max_slots=max_slots, max_seq_len=max_seq_len, device=device,
+                         kernel=kernel)
     return ModelDrafter(runner, name=cfg.name, max_draft_tokens=cfg.max_draft_tokens)
 
 
@@ -106,6 +108,7 @@ def build_verifier(cfg: SpecFleetConfig, verifier_cfg: VerifierConfig | None = N
         max_seq_len=vcfg.max_seq_len,
         device=vcfg.device,
         dtype=vcfg.dtype,
+        kernel=vcfg.kernel,
     )
     return Verifier(runner, eos_token_ids=eos, decode=decode)
 
@@ -150,6 +153,7 @@ def build_engine(cfg: SpecFleetConfig):
             device=cfg.verifier.device,
             target_model=shared,
             target_dtype=cfg.verifier.dtype,
+            kernel=cfg.verifier.kernel,
         )
         for d in cfg.drafters
     }

@@ -28,6 +28,9 @@ matching columns of o (column-wise then row-wise), the same for gate/up and down
 and sums the row-parallel partial outputs with one all-reduce after o and one after
 down. Its KV cache holds only its own kv heads. Embeddings, norms and the LM head
 stay whole on every rank. With T == 1 (or no group) nothing changes.
+
+Kernel paths (``kernel=``, ``verifier.kernel``): the linears and attention run either
+torch's defaults or the batch-invariant oneDNN path of ``models/kernels.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from specfleet.models.kernels import Linear, pack_linear, resolve_kernel, row_attention, row_keys
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -99,6 +104,28 @@ class _Layer:
     down: torch.Tensor
 
 
+@dataclass
+class _LayerLinears:
+    """One layer's linears on the runner's kernel path (models/kernels.py)."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    @classmethod
+    def pack(cls, layer: _Layer, kernel: str) -> _LayerLinears:
+        return cls(
+            q=pack_linear(layer.q, layer.q_bias, kernel), k=pack_linear(layer.k, layer.k_bias, kernel),
+            v=pack_linear(layer.v, layer.v_bias, kernel), o=pack_linear(layer.o, None, kernel),
+            gate=pack_linear(layer.gate, None, kernel), up=pack_linear(layer.up, None, kernel),
+            down=pack_linear(layer.down, None, kernel),
+        )
+
+
 class LlamaRunner:
     """Forward passes over a slot-based KV cache. Not thread-safe; one owner."""
 
@@ -112,12 +139,15 @@ class LlamaRunner:
         dtype: str | torch.dtype = "float32",
         tp_group: TPGroup | None = None,
         num_layers: int | None = None,
+        kernel: str = "default",
     ):
         """``tp_group``: this rank's tensor-parallel group (None or size 1: unsharded).
         Every rank of the group must make the same sequence of calls (see module doc).
         ``num_layers``: run only the first k decoder layers, then the final norm and LM
         head — an early-exit copy of the model (a self-speculative drafter) that shares
-        its weight tensors and has its own KV cache for those layers."""
+        its weight tensors and has its own KV cache for those layers.
+        ``kernel``: the linear layers' path (``default``, ``mkldnn``, ``auto``; see
+        models/kernels.py); non-default paths pack a copy of each weight once, here."""
         cfg = model.config
         check_supported(cfg, max_seq_len)
         tp_size = 1 if tp_group is None else tp_group.size()
@@ -165,6 +195,9 @@ class LlamaRunner:
                 shard_layer(self._extract_layer(layer), self.tp_rank, tp_size, move)
                 for layer in inner.layers[:num_layers]
             ]
+        self.kernel = resolve_kernel(kernel, self.dtype, self.device)
+        self.linears = [_LayerLinears.pack(layer, self.kernel) for layer in self.layers]
+        self.lm_head_linear = pack_linear(self.lm_head, None, self.kernel)
         shape = (max_slots, max_seq_len, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -264,6 +297,7 @@ class LlamaRunner:
         positions = torch.zeros(batch, seq, dtype=torch.long)
         mask = torch.zeros(batch, 1, seq, kv_len, dtype=torch.bool)
         write_b, write_i, write_pos = [], [], []
+        attn_rows = []  # mkldnn: each token's keys, for attention one query row at a time
         for b, (it, base) in enumerate(zip(items, bases)):
             n = len(it.tokens)
             input_ids[b, :n] = torch.tensor(it.tokens, dtype=torch.long)
@@ -271,6 +305,8 @@ class LlamaRunner:
             positions[b, :n] = depth + base
             mask[b, 0, :n, :base] = True
             mask[b, 0, :n, base : base + n] = visible
+            if self.kernel == "mkldnn":
+                attn_rows += row_keys(b, self._slots[it.request_id], base, visible)
             mask[b, 0, n:, 0] = True  # padding rows attend somewhere to avoid NaN; ignored
             write_b += [b] * n
             write_i += range(n)
@@ -289,34 +325,25 @@ class LlamaRunner:
 
         cos, sin = self._rope(positions)
         hidden = F.embedding(input_ids, self.embed)
-        for li, layer in enumerate(self.layers):
+        for li, (layer, lin) in enumerate(zip(self.layers, self.linears)):
             residual = hidden
             x = _rms_norm(hidden, layer.input_norm, self.eps)
-            q = F.linear(x, layer.q, layer.q_bias).view(batch, seq, self.num_heads, self.head_dim)
-            k = F.linear(x, layer.k, layer.k_bias).view(batch, seq, self.num_kv_heads, self.head_dim)
-            v = F.linear(x, layer.v, layer.v_bias).view(batch, seq, self.num_kv_heads, self.head_dim)
+            q = lin.q(x).view(batch, seq, self.num_heads, self.head_dim)
+            k = lin.k(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+            v = lin.v(x).view(batch, seq, self.num_kv_heads, self.head_dim)
             q, k = _apply_rope(q, k, cos, sin)
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
             k_cache[slot_idx, wpos] = k[wb, wi]
             v_cache[slot_idx, wpos] = v[wb, wi]
-            if contiguous:
-                keys = k_cache[slots[0] : slots[0] + batch, :kv_len]
-                values = v_cache[slots[0] : slots[0] + batch, :kv_len]
+            if self.kernel == "mkldnn":
+                attn = row_attention(q, k_cache, v_cache, attn_rows, self.num_kv_heads != self.num_heads)
+                attn = attn.reshape(batch, seq, self.num_heads * self.head_dim)
             else:
-                keys = k_cache[slot_tensor, :kv_len]
-                values = v_cache[slot_tensor, :kv_len]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2),  # [B, H, S, D]
-                keys.transpose(1, 2),  # [B, KVH, L, D]
-                values.transpose(1, 2),
-                attn_mask=mask,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            attn = attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-            hidden = residual + self._all_reduce(F.linear(attn, layer.o))
+                attn = self._attention(q, k_cache, v_cache, mask, slots, slot_tensor, kv_len, contiguous)
+            hidden = residual + self._all_reduce(lin.o(attn))
             residual = hidden
             x = _rms_norm(hidden, layer.post_norm, self.eps)
-            mlp = F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+            mlp = lin.down(F.silu(lin.gate(x)) * lin.up(x))
             hidden = residual + self._all_reduce(mlp)
 
         # Only the requested rows go through the final norm and the LM head.
@@ -329,8 +356,26 @@ class LlamaRunner:
         if not row_b:
             return [torch.empty(0, self.vocab_size) for _ in items]
         picked = hidden[torch.tensor(row_b, device=dev), torch.tensor(row_i, device=dev)]
-        logits = F.linear(_rms_norm(picked, self.final_norm, self.eps), self.lm_head).float()
+        logits = self.lm_head_linear(_rms_norm(picked, self.final_norm, self.eps)).float()
         return list(torch.split(logits.cpu(), counts))
+
+    def _attention(self, q, k_cache, v_cache, mask, slots, slot_tensor, kv_len, contiguous):
+        """SDPA over the batch at once (default path) → ``[B, S, H * D]``."""
+        batch, seq = q.shape[:2]
+        if contiguous:
+            keys = k_cache[slots[0] : slots[0] + batch, :kv_len]
+            values = v_cache[slots[0] : slots[0] + batch, :kv_len]
+        else:
+            keys = k_cache[slot_tensor, :kv_len]
+            values = v_cache[slot_tensor, :kv_len]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, S, D]
+            keys.transpose(1, 2),  # [B, KVH, L, D]
+            values.transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
     def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum a row-parallel output ``[B, S, hidden]`` over the group (in place)."""
