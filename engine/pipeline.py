@@ -109,7 +109,7 @@ class PipelinedScheduler(Scheduler):
         committed = len(req.tokens)
         calls, aheads = self._building
         if pending is not None and pending.drafter == name and pending.at == committed:
-            proposal = _head(pending.proposal, window)
+            proposal = _chain_slice(pending.proposal, 0, window)
             verified = list(proposal.tokens)
             self.pipeline_hits += 1
             seen = req.drafter_seen.get(name, 0)
@@ -230,7 +230,7 @@ class PipelinedScheduler(Scheduler):
             if (whole and proposal is not None and len(proposal) >= 2
                     and proposal.parents == DraftProposal.chain_parents(len(proposal))
                     and proposal.tokens[0] == result.emitted[-1]):
-                self._pending[rid] = _Pending(ahead.drafter, len(req.tokens), _tail(proposal))
+                self._pending[rid] = _Pending(ahead.drafter, len(req.tokens), _chain_slice(proposal, 1))
 
     def _finish(self, req: _Request, reason, *, error=None) -> None:
         self._pending.pop(req.request_id, None)
@@ -246,23 +246,16 @@ class PipelinedScheduler(Scheduler):
             del self._spec[key]
 
 
-def _tail(proposal: DraftProposal) -> DraftProposal:
-    """A chain proposal without its first node (the bonus token it matched)."""
-    n = len(proposal) - 1
-    return DraftProposal(
-        proposal.request_id, proposal.tokens[1:], DraftProposal.chain_parents(n), proposal.confidences[1:],
-        None if proposal.draft_probs is None else proposal.draft_probs[1:], proposal.drafter,
-        None if proposal.sources is None else proposal.sources[1:],
-    )
-
-
-def _head(proposal: DraftProposal, window: int) -> DraftProposal:
-    """A chain proposal cut to the round's window (the policy may have shrunk it)."""
-    if len(proposal) <= window:
+def _chain_slice(proposal: DraftProposal, start: int, stop: int | None = None) -> DraftProposal:
+    """Nodes ``start:stop`` of a chain proposal, as a chain of their own: without its
+    first node (the bonus token it matched), or cut to the round's window."""
+    tokens = proposal.tokens[start:stop]
+    if start == 0 and len(tokens) == len(proposal):
         return proposal
-    return DraftProposal(
-        proposal.request_id, proposal.tokens[:window], DraftProposal.chain_parents(window),
-        proposal.confidences[:window],
-        None if proposal.draft_probs is None else proposal.draft_probs[:window], proposal.drafter,
-        None if proposal.sources is None else proposal.sources[:window],
-    )
+
+    def part(values):
+        return None if values is None else values[start:stop]
+
+    return DraftProposal(proposal.request_id, tokens, DraftProposal.chain_parents(len(tokens)),
+                         proposal.confidences[start:stop], part(proposal.draft_probs), proposal.drafter,
+                         part(proposal.sources))

@@ -81,14 +81,8 @@ class SimExecutor:
             outcome.drafts[name] = reply
             replies.append(reply)
             positions = max((len(p) for p in reply.proposals), default=0)
-            ns = self.step_time.draft_ns(self.cost_name.get(name, name), batch=len(calls),
-                                         new_tokens=worker.last_new_tokens, positions=positions,
-                                         context=worker.last_context)
-            self.busy_ns[name] += ns
-            if net.hop_ns or net.bytes_per_s:
-                ns += net.message_ns(worker.last_new_tokens) + net.message_ns(positions * len(calls))
             outcome.draft_positions += positions
-            critical = max(critical, ns) if self.drafters_parallel else critical + ns
+            critical = self._after(critical, self._price_draft(name, worker, len(calls), positions)[1])
         verifier = self.verifiers[plan.group]
         reply = verifier.verify(plan.verify, replies).result()
         verify_ns = self.step_time.verify_ns(plan.group, batch=len(plan.verify),
@@ -124,14 +118,27 @@ class SimExecutor:
                                       p.confidences, None, name)
                 proposals.append(p)
             positions = max((len(p) for p in proposals), default=0)
-            ns = self.step_time.draft_ns(self.cost_name.get(name, name), batch=len(calls),
-                                         new_tokens=worker.last_new_tokens, positions=positions,
-                                         context=worker.last_context)
-            self.busy_ns[name] += ns
-            outcome.ahead[name] = DraftReply(proposals, ns, reply.unknown)
-            ns += self.network.message_ns(worker.last_new_tokens) + self.network.message_ns(positions * len(calls))
-            critical = max(critical, ns) if self.drafters_parallel else critical + ns
+            compute_ns, ns = self._price_draft(name, worker, len(calls), positions)
+            outcome.ahead[name] = DraftReply(proposals, compute_ns, reply.unknown)
+            critical = self._after(critical, ns)
         return critical
+
+    def _price_draft(self, name: str, worker: SimDraftWorker, batch: int, positions: int) -> tuple[int, int]:
+        """A drafter call's (compute, compute + messages there and back); the compute
+        counts as the drafter's busy time."""
+        compute = self.step_time.draft_ns(self.cost_name.get(name, name), batch=batch,
+                                          new_tokens=worker.last_new_tokens, positions=positions,
+                                          context=worker.last_context)
+        self.busy_ns[name] += compute
+        net = self.network
+        ns = compute
+        if net.hop_ns or net.bytes_per_s:
+            ns += net.message_ns(worker.last_new_tokens) + net.message_ns(positions * batch)
+        return compute, ns
+
+    def _after(self, critical: int, ns: int) -> int:
+        """The critical path once one more drafter call of ``ns`` is on it."""
+        return max(critical, ns) if self.drafters_parallel else critical + ns
 
     def housekeeping(self, work: Housekeeping) -> None:
         for group, request_ids in work.verifier_releases.items():
